@@ -1,0 +1,60 @@
+"""The `Task` protocol: what every test-time-feedback task provides to the training loop.
+
+A task owns its data, its model architecture, its one-step training loss and its downstream
+(deployed, rollout) evaluation. It never imports an optimizer and the loop never branches on
+the task's kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Training, validation and test datasets of one task (already generated, deterministic)."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A test-time-feedback task.
+
+    Attributes
+    ----------
+    name:
+        Short identifier used on the command line and in the results store.
+    higher_is_better:
+        For each downstream metric name returned by :meth:`evaluate`, whether larger is better.
+    primary_metric:
+        The downstream metric used to rank configurations ("selected by downstream").
+    """
+
+    name: str
+    primary_metric: str
+    higher_is_better: Mapping[str, bool]
+
+    def splits(self) -> Splits:
+        """The task's data splits, generated deterministically from the task's seed."""
+        ...
+
+    def make_model(self) -> nn.Module:
+        """A freshly initialised model (initialisation uses the global torch RNG)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: object) -> torch.Tensor:
+        """One-step training loss (scalar, mean over the batch) on one collated batch."""
+        ...
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        """Downstream metrics of the deployed model (rollouts) on ``split`` ("val" or "test")."""
+        ...
