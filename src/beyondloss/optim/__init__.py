@@ -1,5 +1,13 @@
 """Optimizers: DoPr (activation preconditioning, then any gradient preconditioner)."""
 
+from beyondloss.optim.dopr import DoPr, muon_parameter_split
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
+from beyondloss.optim.preconditioner import ActivationPreconditioner
 
-__all__ = ["OPTIMIZER_NAMES", "make_optimizer"]
+__all__ = [
+    "OPTIMIZER_NAMES",
+    "ActivationPreconditioner",
+    "DoPr",
+    "make_optimizer",
+    "muon_parameter_split",
+]
