@@ -311,7 +311,9 @@ def test_scheduler_changes_reach_the_base_optimizers() -> None:
 def test_state_dict_resume_continues_exactly(name: str) -> None:
     torch.manual_seed(0)
     kwargs = {"cov_every": 2, "inverse_every": 3, "ema_decay": 0.9}
-    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    model = nn.Sequential(
+        nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2)
+    )
     batches = [torch.randn(32, 3) for _ in range(12)]
 
     def run(model, opt, xs):

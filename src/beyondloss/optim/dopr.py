@@ -101,11 +101,15 @@ class DoPr(Optimizer):
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if isinstance(base, str) and base not in BASES:
-            raise ValueError(f"Invalid base {base!r}; expected one of {BASES} or an Optimizer class")
+            raise ValueError(
+                f"Invalid base {base!r}; expected one of {BASES} or an Optimizer class"
+            )
         if not isinstance(base, str) and not (
             isinstance(base, type) and issubclass(base, Optimizer)
         ):
-            raise ValueError(f"Invalid base {base!r}; expected one of {BASES} or an Optimizer class")
+            raise ValueError(
+                f"Invalid base {base!r}; expected one of {BASES} or an Optimizer class"
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters")
@@ -165,7 +169,9 @@ class DoPr(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_groups_shared", False):
-            raise RuntimeError("DoPr builds its parameter groups from the model; rebuild it instead")
+            raise RuntimeError(
+                "DoPr builds its parameter groups from the model; rebuild it instead"
+            )
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -214,7 +220,9 @@ class DoPr(Optimizer):
         if len(state_dict["base"]) != len(self.base_optimizers):
             raise ValueError("saved state has a different number of base optimizers")
         if (state_dict["preconditioner"] is None) != (self.preconditioner is None):
-            raise ValueError("saved state and this optimizer disagree on activation_preconditioning")
+            raise ValueError(
+                "saved state and this optimizer disagree on activation_preconditioning"
+            )
         for opt, saved in zip(self.base_optimizers, state_dict["base"], strict=True):
             opt.load_state_dict(saved)
         if self.preconditioner is not None:

@@ -25,7 +25,9 @@ def make_optimizer(
     ``dopr-*`` optimizers and are ignored by the plain ones.
     """
     if name not in OPTIMIZER_NAMES:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+        raise ValueError(
+            f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}"
+        )
     preconditioned = name.startswith("dopr-")
     base = name.removeprefix("dopr-")
     return DoPr(

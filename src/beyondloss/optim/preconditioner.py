@@ -268,6 +268,7 @@ class ActivationPreconditioner:
             )
         self.steps = int(state_dict["steps"])
         self.excluded = dict(state_dict["excluded"])
+
         def own(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.clone()
 
