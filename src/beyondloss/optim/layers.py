@@ -103,9 +103,9 @@ class LayerHelper(ABC):
 
 
 def _dense_moments(rows: Tensor) -> Moments:
-    """(ZᵀZ, Σ_i z_i, n) of rows Z (n, d), computed in fp32 with autocast off."""
+    """(ZᵀZ, Σ_i z_i, n) of rows Z (n, d), in fp32 (fp64 for fp64 inputs) with autocast off."""
     with torch.autocast(device_type=rows.device.type, enabled=False):
-        z = rows.detach().float()
+        z = rows.detach().to(torch.promote_types(rows.dtype, torch.float32))
         return z.T @ z, z.sum(dim=0), z.shape[0]
 
 

@@ -51,11 +51,11 @@ def ridge(sigma: Tensor, gamma: float, mode: str) -> float:
 
 
 def damped_inverse(sigma: Tensor, gamma: float, mode: str, name: str = "layer") -> Inverse:
-    """P = (Σ + λI)⁻¹ in fp32, see the module docstring.
+    """P = (Σ + λI)⁻¹ in fp32 (fp64 when Σ is fp64), see the module docstring.
 
     Raises ``FloatingPointError`` naming ``name`` if Σ holds a NaN or an infinity.
     """
-    sigma = sigma.float()
+    sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
     if not bool(torch.isfinite(sigma).all()):
         raise FloatingPointError(
             f"activation second moment of {name!r} contains NaN or inf; "
@@ -73,4 +73,4 @@ def damped_inverse(sigma: Tensor, gamma: float, mode: str, name: str = "layer") 
     eigenvalues, eigenvectors = torch.linalg.eigh(sigma.double())
     inverse_eigenvalues = 1.0 / (eigenvalues.clamp_min(0.0) + lam)
     matrix = (eigenvectors * inverse_eigenvalues) @ eigenvectors.T
-    return Inverse(matrix.float(), lam, "eigh")
+    return Inverse(matrix.to(sigma.dtype), lam, "eigh")

@@ -52,11 +52,12 @@ class _LayerState:
     stale: bool = False  # Σ changed since `inverse` was computed
 
     def zero_moments(self) -> tuple[Tensor, Tensor | None]:
-        device = self.helper.module.weight.device
+        weight = self.helper.module.weight
+        like = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
         d = self.helper.in_features
         if self.helper.diagonal:
-            return torch.zeros(d, device=device), None
-        return torch.zeros(d, d, device=device), torch.zeros(d, device=device)
+            return torch.zeros(d, **like), None
+        return torch.zeros(d, d, **like), torch.zeros(d, **like)
 
 
 def _check_positive_int(value: Any, name: str) -> None:
