@@ -1,0 +1,229 @@
+"""Embedded results store on SQLite: one row per run, one row per (run, epoch, metric).
+
+Schema
+------
+``runs(run_id PK, task, optimizer, lr, weight_decay, seed, config JSON, status, created)``
+    ``status`` is ``'running'`` until :meth:`ResultsStore.mark_complete`; ``created`` is an
+    ISO-8601 UTC timestamp.
+``metrics(run_id, epoch, name, value, PK(run_id, epoch, name))``
+    Long format. Rows are written with ``INSERT OR REPLACE``, so an epoch redone after a crash
+    overwrites its earlier values instead of duplicating them.
+
+The database runs in WAL mode with a busy timeout, so several processes (one
+:class:`ResultsStore` each) may read and write the same file at once. A store object owns one
+connection; do not share it across threads or forked processes, open a new one there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+RUN_COLUMNS = ("run_id", "task", "optimizer", "lr", "weight_decay", "seed", "status")
+"""Columns of the ``runs`` table that :meth:`ResultsStore.runs` accepts as filters."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id       TEXT PRIMARY KEY,
+    task         TEXT NOT NULL,
+    optimizer    TEXT NOT NULL,
+    lr           REAL NOT NULL,
+    weight_decay REAL NOT NULL,
+    seed         INTEGER NOT NULL,
+    config       TEXT NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('running', 'complete')),
+    created      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs (run_id),
+    epoch  INTEGER NOT NULL,
+    name   TEXT NOT NULL,
+    value  REAL NOT NULL,
+    PRIMARY KEY (run_id, epoch, name)
+);
+"""
+
+
+class ResultsStore:
+    """Results of training runs in one SQLite file.
+
+    Parameters
+    ----------
+    path:
+        Database file; created with its tables if missing, reopened as is otherwise.
+    busy_timeout:
+        Seconds a write waits for another process's lock before raising
+        ``sqlite3.OperationalError``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = 60.0) -> None:
+        if busy_timeout < 0:
+            raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
+        self.path = os.fspath(path)
+        self._conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        with self._write():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._conn.execute(statement)
+
+    def close(self) -> None:
+        """Close the connection; the object is unusable afterwards."""
+        self._conn.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction, taking the write lock up front so it never fails half-way."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def add_run(
+        self,
+        run_id: str,
+        *,
+        task: str,
+        optimizer: str,
+        lr: float,
+        weight_decay: float,
+        seed: int,
+        config: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Register a run with status ``'running'``; return whether it was new.
+
+        Re-adding an existing run with identical fields is a no-op (returns ``False``, status
+        unchanged), so a resumed job can call this unconditionally. ``config`` must be
+        JSON-serialisable. Raises ``ValueError`` if ``run_id`` exists with different fields.
+        """
+        fields = {
+            "task": task,
+            "optimizer": optimizer,
+            "lr": float(lr),
+            "weight_decay": float(weight_decay),
+            "seed": int(seed),
+            "config": json.dumps(dict(config or {}), sort_keys=True),
+        }
+        with self._write():
+            row = self._conn.execute(
+                "SELECT task, optimizer, lr, weight_decay, seed, config FROM runs WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
+            if row is not None:
+                if dict(row) != fields:
+                    raise ValueError(
+                        f"run {run_id!r} already exists with different fields: "
+                        f"stored {dict(row)}, given {fields}"
+                    )
+                return False
+            self._conn.execute(
+                "INSERT INTO runs (run_id, task, optimizer, lr, weight_decay, seed, config,"
+                " status, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                (run_id, *fields.values(), datetime.now(UTC).isoformat()),
+            )
+        return True
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Write ``metrics`` of ``epoch`` (1-based) in one transaction, replacing earlier values.
+
+        The name ``'epoch'`` is reserved (it is the row's key). Raises ``KeyError`` for an
+        unknown run.
+        """
+        if "epoch" in metrics:
+            raise ValueError("'epoch' is a reserved metric name; pass it as the epoch argument")
+        with self._write():
+            self._require_run(run_id)
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO metrics (run_id, epoch, name, value) VALUES (?, ?, ?, ?)",
+                [(run_id, int(epoch), name, float(value)) for name, value in metrics.items()],
+            )
+
+    def mark_complete(self, run_id: str) -> None:
+        """Set the run's status to ``'complete'``. Raises ``KeyError`` for an unknown run."""
+        with self._write():
+            self._require_run(run_id)
+            self._conn.execute("UPDATE runs SET status = 'complete' WHERE run_id = ?", (run_id,))
+
+    def is_complete(self, run_id: str) -> bool:
+        """Whether the run exists and is marked complete."""
+        row = self._conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return row is not None and row["status"] == "complete"
+
+    def runs(self, **filters: Any) -> list[dict[str, Any]]:
+        """Runs whose columns equal all ``filters`` (keys from :data:`RUN_COLUMNS`).
+
+        Each run is a dict of the ``runs`` columns with ``config`` decoded from JSON, ordered by
+        creation time then ``run_id``.
+        """
+        unknown = set(filters) - set(RUN_COLUMNS)
+        if unknown:
+            raise ValueError(
+                f"unknown run filters {sorted(unknown)}; expected some of {', '.join(RUN_COLUMNS)}"
+            )
+        where = " AND ".join(f"{column} = ?" for column in filters) or "1"
+        rows = self._conn.execute(
+            f"SELECT * FROM runs WHERE {where} ORDER BY created, run_id", tuple(filters.values())
+        ).fetchall()
+        return [{**dict(row), "config": json.loads(row["config"])} for row in rows]
+
+    def curves(self, run_id: str) -> dict[str, list[float]]:
+        """The run's metrics as aligned per-epoch lists.
+
+        Key ``'epoch'`` holds the logged epochs in ascending order; every metric's list has the
+        same length, with NaN at epochs where that metric was not logged. Raises ``KeyError`` for
+        an unknown run.
+        """
+        self._require_run(run_id)
+        rows = self._conn.execute(
+            "SELECT epoch, name, value FROM metrics WHERE run_id = ? ORDER BY epoch, name",
+            (run_id,),
+        ).fetchall()
+        epochs = sorted({row["epoch"] for row in rows})
+        position = {epoch: i for i, epoch in enumerate(epochs)}
+        curves: dict[str, list[float]] = {"epoch": [float(epoch) for epoch in epochs]}
+        for row in rows:
+            values = curves.setdefault(row["name"], [math.nan] * len(epochs))
+            values[position[row["epoch"]]] = row["value"]
+        return curves
+
+    def to_frame(self) -> pd.DataFrame:
+        """All metric rows in long format joined with their run's columns (needs pandas).
+
+        Columns: ``run_id, task, optimizer, lr, weight_decay, seed, status, config, epoch, name,
+        value``; ``config`` stays a JSON string.
+        """
+        try:
+            import pandas as pd
+        except ImportError as error:
+            raise ImportError("ResultsStore.to_frame needs pandas: pip install pandas") from error
+        return pd.read_sql_query(
+            "SELECT r.run_id, r.task, r.optimizer, r.lr, r.weight_decay, r.seed, r.status,"
+            " r.config, m.epoch, m.name, m.value"
+            " FROM metrics AS m JOIN runs AS r USING (run_id)"
+            " ORDER BY r.created, r.run_id, m.epoch, m.name",
+            self._conn,
+        )
+
+    def _require_run(self, run_id: str) -> None:
+        if self._conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+            raise KeyError(f"unknown run {run_id!r}; register it with add_run first")

@@ -1,0 +1,320 @@
+"""The one training loop: epochs, per-epoch evaluators, store rows, atomic checkpoints, resume.
+
+Epoch ``e`` (1-based) runs, in order: a training pass over ``train_data`` in an order drawn
+from a generator seeded by ``(config.seed, e)``; every evaluator under ``model.eval()`` and
+``torch.no_grad()``; one store row per metric; an atomic checkpoint. A crash anywhere in an
+epoch therefore leaves the checkpoint of the previous epoch, and the redone epoch overwrites
+any store rows it had already written.
+
+On CPU a resumed run is bitwise identical to an uninterrupted one: the checkpoint holds the
+model, the optimizer and every global RNG state (torch, CUDA, numpy, ``random``) as they were
+at the end of the epoch, and the shuffling order never depends on RNG history.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+from tqdm import tqdm
+
+from beyondloss.store import ResultsStore
+
+Evaluator = Callable[[nn.Module, int], Mapping[str, float]]
+"""``(model, epoch) -> metrics``: called after each epoch's training pass, 1-based epoch."""
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``(model, batch) -> scalar loss`` averaged over the batch; moves the batch to the model's
+device itself. ``batch`` is the ``default_collate`` of the dataset's items."""
+
+CHECKPOINT_NAME = "checkpoint.pt"
+"""File name of the checkpoint inside a run directory."""
+
+_LOOP_METRICS = frozenset({"epoch", "train_loss", "epoch_seconds"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of the loop itself (the optimizer's live in the optimizer).
+
+    Attributes
+    ----------
+    epochs:
+        Number of passes over the training data; epochs are numbered ``1..epochs``.
+    batch_size:
+        Samples per optimizer step; the last batch of an epoch may be smaller.
+    seed:
+        Seeds the global RNGs of a fresh run and each epoch's shuffling order.
+    grad_clip:
+        Maximum total gradient 2-norm per step, or ``None`` for no clipping.
+    """
+
+    epochs: int
+    batch_size: int
+    seed: int = 0
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_data: Dataset,
+    loss_fn: LossFn,
+    config: TrainConfig,
+    evaluators: Sequence[Evaluator] = (),
+    run_dir: Path | None = None,
+    store: ResultsStore | None = None,
+    run_id: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train ``model`` for ``config.epochs`` epochs and return the per-epoch history.
+
+    Each history entry holds ``epoch``, ``train_loss`` (mean one-step loss over the epoch's
+    samples, weighted by batch size), ``epoch_seconds`` (wall time of training plus evaluation)
+    and every evaluator's metrics; two sources giving the same name raise ``ValueError``.
+
+    With ``run_dir``, a checkpoint ``run_dir/checkpoint.pt`` is written atomically after every
+    epoch, and if one is already there training resumes after its epoch (the returned history
+    then includes the epochs before the resume). ``model`` and ``optimizer`` must be built the
+    same way as in the interrupted run. A fresh run seeds ``torch``, ``numpy`` and ``random``
+    with ``config.seed``.
+
+    With ``store`` and ``run_id`` (both or neither; the run must already be registered with
+    :meth:`ResultsStore.add_run`), every epoch's metrics are logged and the run is marked
+    complete at the end. ``progress`` shows a tqdm bar over epochs when stderr is a terminal.
+    """
+    if (store is None) != (run_id is None):
+        raise ValueError("store and run_id must be given together")
+    if len(train_data) == 0:
+        raise ValueError("train_data is empty")
+    history: list[dict[str, float]] = []
+    checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        history = _resume(checkpoint, model, optimizer, config)
+    else:
+        _seed_everything(config.seed)
+    start = len(history)
+
+    bar = tqdm(
+        range(start + 1, config.epochs + 1),
+        initial=start,
+        total=config.epochs,
+        unit="epoch",
+        disable=not (progress and sys.stderr.isatty()),
+    )
+    for epoch in bar:
+        began = time.perf_counter()
+        train_loss = _train_epoch(model, optimizer, train_data, loss_fn, config, epoch)
+        record = {"epoch": float(epoch), "train_loss": train_loss}
+        model.eval()
+        for evaluator in evaluators:
+            with torch.no_grad():
+                metrics = evaluator(model, epoch)
+            clash = set(metrics) & (record.keys() | _LOOP_METRICS)
+            if clash:
+                raise ValueError(f"metric names {sorted(clash)} given twice at epoch {epoch}")
+            record.update({name: float(value) for name, value in metrics.items()})
+        record["epoch_seconds"] = time.perf_counter() - began
+        history.append(record)
+        if store is not None and run_id is not None:
+            store.log_epoch(run_id, epoch, {k: v for k, v in record.items() if k != "epoch"})
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, model, optimizer, config, history)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
+    bar.close()
+
+    if store is not None and run_id is not None:
+        store.mark_complete(run_id)
+    return history
+
+
+def loss_evaluator(
+    loss_fn: LossFn, dataset: Dataset, name: str = "val_loss", batch_size: int = 512
+) -> Evaluator:
+    """Evaluator returning ``{name: mean one-step loss over dataset}``, weighted by batch size.
+
+    ``dataset`` is read in order in batches of ``batch_size`` samples.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    def evaluate(model: nn.Module, epoch: int) -> dict[str, float]:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch, size in _batches(dataset, range(len(dataset)), batch_size):
+                total += loss_fn(model, batch).item() * size
+                count += size
+        return {name: total / count}
+
+    return evaluate
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    loss_fn: LossFn,
+    config: TrainConfig,
+    epoch: int,
+) -> float:
+    """One pass over ``data`` in this epoch's order; returns the sample-weighted mean loss."""
+    model.train()
+    order = _epoch_order(len(data), config.seed, epoch)
+    total: Tensor | float = 0.0
+    count = 0
+    for batch, size in _batches(data, order, config.batch_size):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        total = total + loss.detach().double() * size
+        count += size
+    return float(total) / count
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Permutation of ``range(n)`` that depends only on ``(seed, epoch)``."""
+    mixed = np.random.SeedSequence((seed, epoch)).generate_state(1, dtype=np.uint64)[0]
+    generator = torch.Generator().manual_seed(int(mixed))
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _batches(
+    dataset: Dataset, order: Sequence[int], batch_size: int
+) -> Iterator[tuple[Any, int]]:
+    """``(collated batch, number of samples)`` for consecutive chunks of ``order``.
+
+    A ``TensorDataset`` is sliced with one index tensor per batch (same result as collating its
+    items one by one, without the per-item Python overhead).
+    """
+    for begin in range(0, len(order), batch_size):
+        indices = order[begin : begin + batch_size]
+        if isinstance(dataset, TensorDataset):
+            index = torch.as_tensor(indices)
+            yield [tensor[index] for tensor in dataset.tensors], len(indices)
+        else:
+            yield default_collate([dataset[i] for i in indices]), len(indices)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every global RNG state, as tensors and plain values that ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate(
+        (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    history: list[dict[str, float]],
+) -> None:
+    """Write the checkpoint to a temporary file, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "epoch": len(history),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": _rng_state(),
+        "config": asdict(config),
+        "history": history,
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        torch.save(payload, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _resume(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> list[dict[str, float]]:
+    """Load the checkpoint into ``model``, ``optimizer`` and the RNGs; return its history.
+
+    Raises ``ValueError`` if the checkpoint was written under a different batch size, seed or
+    gradient clip, or already holds more epochs than ``config.epochs``.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved = payload["config"]
+    for field in ("batch_size", "seed", "grad_clip"):
+        if saved[field] != getattr(config, field):
+            raise ValueError(
+                f"checkpoint {path} has {field}={saved[field]!r}, "
+                f"config has {getattr(config, field)!r}"
+            )
+    if payload["epoch"] > config.epochs:
+        raise ValueError(
+            f"checkpoint {path} is at epoch {payload['epoch']}, beyond epochs={config.epochs}"
+        )
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    _set_rng_state(payload["rng"])
+    return payload["history"]

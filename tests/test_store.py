@@ -1,0 +1,132 @@
+"""Tests of the SQLite results store."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from beyondloss.store import ResultsStore
+
+
+def _add(store: ResultsStore, run_id: str, **overrides: object) -> bool:
+    fields: dict[str, object] = {
+        "task": "pendulum",
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "seed": 0,
+        "config": {"epochs": 3, "hidden": [64, 64]},
+    }
+    fields.update(overrides)
+    return store.add_run(run_id, **fields)  # type: ignore[arg-type]
+
+
+def test_run_round_trip_decodes_config_and_starts_running(tmp_path: Path) -> None:
+    with ResultsStore(tmp_path / "r.db") as store:
+        assert _add(store, "a")
+        (run,) = store.runs()
+    assert run["run_id"] == "a"
+    assert run["task"] == "pendulum" and run["optimizer"] == "adamw"
+    assert run["lr"] == 1e-3 and run["weight_decay"] == 0.0 and run["seed"] == 0
+    assert run["config"] == {"epochs": 3, "hidden": [64, 64]}
+    assert run["status"] == "running"
+    assert isinstance(run["created"], str)
+
+
+def test_add_run_is_idempotent_but_rejects_conflicting_fields(tmp_path: Path) -> None:
+    with ResultsStore(tmp_path / "r.db") as store:
+        assert _add(store, "a")
+        store.mark_complete("a")
+        assert not _add(store, "a")
+        assert store.is_complete("a")
+        with pytest.raises(ValueError, match="different fields"):
+            _add(store, "a", lr=2e-3)
+
+
+def test_runs_filters_by_columns_and_rejects_unknown_names(tmp_path: Path) -> None:
+    with ResultsStore(tmp_path / "r.db") as store:
+        _add(store, "a", optimizer="adamw", seed=0)
+        _add(store, "b", optimizer="sgd", seed=0)
+        _add(store, "c", optimizer="sgd", seed=1)
+        store.mark_complete("c")
+        assert [r["run_id"] for r in store.runs(optimizer="sgd")] == ["b", "c"]
+        assert [r["run_id"] for r in store.runs(optimizer="sgd", seed=0)] == ["b"]
+        assert [r["run_id"] for r in store.runs(status="complete")] == ["c"]
+        with pytest.raises(ValueError, match="unknown run filters"):
+            store.runs(colour="red")
+
+
+def test_curves_align_epochs_and_fill_missing_with_nan(tmp_path: Path) -> None:
+    with ResultsStore(tmp_path / "r.db") as store:
+        _add(store, "a")
+        store.log_epoch("a", 2, {"train_loss": 0.5, "val_loss": 0.7})
+        store.log_epoch("a", 1, {"train_loss": 1.0})
+        curves = store.curves("a")
+    assert curves["epoch"] == [1.0, 2.0]
+    assert curves["train_loss"] == [1.0, 0.5]
+    assert math.isnan(curves["val_loss"][0]) and curves["val_loss"][1] == 0.7
+
+
+def test_relogging_an_epoch_replaces_values_instead_of_duplicating(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    with ResultsStore(path) as store:
+        _add(store, "a")
+        store.log_epoch("a", 1, {"train_loss": 1.0, "val_loss": 2.0})
+        store.log_epoch("a", 1, {"train_loss": 0.25, "val_loss": 0.5})
+        assert store.curves("a") == {"epoch": [1.0], "train_loss": [0.25], "val_loss": [0.5]}
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM metrics").fetchone() == (2,)
+
+
+def test_reopened_store_keeps_runs_metrics_and_status(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    with ResultsStore(path) as store:
+        _add(store, "a")
+        store.log_epoch("a", 1, {"train_loss": 1.5})
+        store.mark_complete("a")
+    with ResultsStore(path) as store:
+        assert store.is_complete("a")
+        assert store.curves("a") == {"epoch": [1.0], "train_loss": [1.5]}
+        assert not store.is_complete("missing")
+
+
+def test_two_open_stores_on_one_file_see_each_others_writes(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    with ResultsStore(path) as first, ResultsStore(path) as second:
+        _add(first, "a")
+        second.log_epoch("a", 1, {"train_loss": 1.0})
+        first.log_epoch("a", 2, {"train_loss": 0.5})
+        assert second.curves("a")["train_loss"] == [1.0, 0.5]
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_unknown_run_and_reserved_name_are_rejected(tmp_path: Path) -> None:
+    with ResultsStore(tmp_path / "r.db") as store:
+        with pytest.raises(KeyError):
+            store.log_epoch("missing", 1, {"train_loss": 1.0})
+        with pytest.raises(KeyError):
+            store.mark_complete("missing")
+        with pytest.raises(KeyError):
+            store.curves("missing")
+        _add(store, "a")
+        with pytest.raises(ValueError, match="reserved"):
+            store.log_epoch("a", 1, {"epoch": 1.0})
+
+
+def test_to_frame_is_long_format_joined_with_run_columns(tmp_path: Path) -> None:
+    pytest.importorskip("pandas")
+    with ResultsStore(tmp_path / "r.db") as store:
+        _add(store, "a", optimizer="sgd")
+        store.log_epoch("a", 1, {"train_loss": 1.0, "val_loss": 2.0})
+        frame = store.to_frame()
+    assert list(frame.columns) == [
+        "run_id", "task", "optimizer", "lr", "weight_decay", "seed", "status", "config",
+        "epoch", "name", "value",
+    ]
+    assert len(frame) == 2
+    assert set(frame["optimizer"]) == {"sgd"}
+    assert frame.set_index("name")["value"].to_dict() == {"train_loss": 1.0, "val_loss": 2.0}
