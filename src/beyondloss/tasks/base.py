@@ -37,11 +37,15 @@ class Task(Protocol):
         For each downstream metric name returned by :meth:`evaluate`, whether larger is better.
     primary_metric:
         The downstream metric used to rank configurations ("selected by downstream").
+    epochs, batch_size:
+        The training budget of this task at its configured size (the same for every optimizer).
     """
 
     name: str
     primary_metric: str
     higher_is_better: Mapping[str, bool]
+    epochs: int
+    batch_size: int
 
     def splits(self) -> Splits:
         """The task's data splits, generated deterministically from the task's seed."""
