@@ -141,7 +141,7 @@ def test_statistics_ignore_no_grad_and_eval_forwards() -> None:
 
 def test_cov_every_records_only_on_collection_steps() -> None:
     layer = nn.Linear(4, 2)
-    ap = ActivationPreconditioner(layer, cov_every=3)
+    ap = ActivationPreconditioner(layer, cov_every=3, inverse_every=1)
     counts = []
     for _ in range(6):
         layer(torch.randn(5, 4)).sum().backward()
@@ -152,7 +152,7 @@ def test_cov_every_records_only_on_collection_steps() -> None:
 
 def test_inverse_is_reused_between_refreshes() -> None:
     layer = nn.Linear(4, 2)
-    ap = ActivationPreconditioner(layer, inverse_every=2)
+    ap = ActivationPreconditioner(layer, cov_every=1, inverse_every=2, ema_decay=0.0)
     inverses = []
     for _ in range(4):
         layer(torch.randn(8, 4)).sum().backward()
@@ -165,7 +165,7 @@ def test_inverse_is_reused_between_refreshes() -> None:
 
 def test_ema_of_sigma_across_steps() -> None:
     layer = nn.Linear(2, 1, bias=False)
-    ap = ActivationPreconditioner(layer, ema_decay=0.5)
+    ap = ActivationPreconditioner(layer, ema_decay=0.5, cov_every=1)
     xs = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
     for x in xs:
         layer(x).sum().backward()

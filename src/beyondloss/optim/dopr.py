@@ -29,7 +29,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from beyondloss.optim.preconditioner import ActivationPreconditioner
+from beyondloss.optim.preconditioner import (
+    DEFAULT_COV_EVERY,
+    DEFAULT_DAMPING,
+    DEFAULT_EMA_DECAY,
+    DEFAULT_INVERSE_EVERY,
+    ActivationPreconditioner,
+)
 
 BASES = ("adamw", "adam", "sgd", "muon")
 
@@ -81,11 +87,11 @@ class DoPr(Optimizer):
         base: str | type[Optimizer] = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        damping: float = 1e-3,
+        damping: float = DEFAULT_DAMPING,
         damping_mode: str = "trace_over_dim",
-        ema_decay: float = 0.0,
-        cov_every: int = 1,
-        inverse_every: int = 1,
+        ema_decay: float = DEFAULT_EMA_DECAY,
+        cov_every: int = DEFAULT_COV_EVERY,
+        inverse_every: int = DEFAULT_INVERSE_EVERY,
         exclude: Sequence[str] = (),
         activation_preconditioning: bool = True,
         adamw_modules: Sequence[str] = (),

@@ -38,6 +38,15 @@ from torch import Tensor, nn
 from beyondloss.optim.layers import LayerHelper, UnsupportedLayer, helper_for
 from beyondloss.optim.linalg import DAMPING_MODES, Inverse, damped_inverse
 
+DEFAULT_DAMPING = 1e-3
+DEFAULT_COV_EVERY = 10
+DEFAULT_INVERSE_EVERY = 10
+DEFAULT_EMA_DECAY = 0.9
+"""Default amortization: statistics on every 10th step, P refreshed with them, Σ averaged over
+about 10 collections (100 steps). The step then costs close to the FLOP floor 1 + d/(3B) of
+its base optimizer (docs/benchmark.md); ``cov_every=inverse_every=1, ema_decay=0`` is the
+per-batch formula."""
+
 
 @dataclass
 class _LayerState:
@@ -80,6 +89,8 @@ class ActivationPreconditioner:
         β ∈ [0, 1); 0 uses each collection step's Σ alone.
     cov_every, inverse_every:
         Record statistics every ``cov_every`` steps; refresh P at most every ``inverse_every``.
+        The defaults amortize (see ``DEFAULT_COV_EVERY``); 1, 1 and ``ema_decay=0`` give the
+        exact per-batch formula.
     exclude:
         ``fnmatch`` patterns of module names left to the gradient preconditioner untouched.
     """
@@ -87,11 +98,11 @@ class ActivationPreconditioner:
     def __init__(
         self,
         model: nn.Module,
-        damping: float = 1e-3,
+        damping: float = DEFAULT_DAMPING,
         damping_mode: str = "trace_over_dim",
-        ema_decay: float = 0.0,
-        cov_every: int = 1,
-        inverse_every: int = 1,
+        ema_decay: float = DEFAULT_EMA_DECAY,
+        cov_every: int = DEFAULT_COV_EVERY,
+        inverse_every: int = DEFAULT_INVERSE_EVERY,
         exclude: Sequence[str] = (),
     ) -> None:
         if not damping >= 0.0:
