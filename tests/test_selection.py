@@ -20,10 +20,12 @@ N, C = 200, 3
 
 
 def test_choose_takes_each_runs_first_minimum_and_the_config_with_the_best_mean() -> None:
-    choice = choose({
-        "a": [[3.0, 1.0, 2.0, 1.0], [2.0, 2.0, 1.5, 3.0]],  # minima 1.0 @1, 1.5 @2: mean 1.25
-        "b": [[2.0, 1.9, 1.2, 1.1], [1.4, 1.3, 1.3, 1.6]],  # minima 1.1 @3, 1.3 @1: mean 1.2
-    })
+    choice = choose(
+        {
+            "a": [[3.0, 1.0, 2.0, 1.0], [2.0, 2.0, 1.5, 3.0]],  # minima 1.0 @1, 1.5 @2: mean 1.25
+            "b": [[2.0, 1.9, 1.2, 1.1], [1.4, 1.3, 1.3, 1.6]],  # minima 1.1 @3, 1.3 @1: mean 1.2
+        }
+    )
     assert (choice.config, choice.indices, choice.score) == ("b", (3, 1), pytest.approx(1.2))
     assert choose({"ens": [[2.0, 1.0, 1.0]]}).indices == (1,)
 

@@ -124,9 +124,27 @@ def test_to_frame_is_long_format_joined_with_run_columns(tmp_path: Path) -> None
         store.log_epoch("a", 1, {"train_loss": 1.0, "val_loss": 2.0})
         frame = store.to_frame()
     assert list(frame.columns) == [
-        "run_id", "task", "optimizer", "lr", "weight_decay", "seed", "status", "config",
-        "epoch", "name", "value",
+        "run_id",
+        "task",
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "seed",
+        "status",
+        "config",
+        "epoch",
+        "name",
+        "value",
     ]
     assert len(frame) == 2
     assert set(frame["optimizer"]) == {"sgd"}
     assert frame.set_index("name")["value"].to_dict() == {"train_loss": 1.0, "val_loss": 2.0}
+
+
+def test_non_finite_metrics_round_trip(tmp_path: Path) -> None:
+    with ResultsStore(tmp_path / "results.db") as store:
+        store.add_run("r", task="t", optimizer="o", lr=0.1, weight_decay=0.0, seed=0)
+        store.log_epoch("r", 1, {"val_loss": math.nan, "nrmse": math.inf, "vpt": 0.0})
+        curves = store.curves("r")
+    assert math.isnan(curves["val_loss"][0])
+    assert curves["nrmse"] == [math.inf] and curves["vpt"] == [0.0]

@@ -79,8 +79,18 @@ def _killed_worker(run_dir: Path, db: Path, optimizer_name: str) -> None:
     torch.set_num_threads(1)
     model, optimizer, data = _make_run(optimizer_name)
     store = _DieAfterLogging(db, KILLED_AT_EPOCH)
-    train(model, optimizer, data, _mse, CONFIG, _evaluators(data), run_dir, store, "run",
-          progress=False)
+    train(
+        model,
+        optimizer,
+        data,
+        _mse,
+        CONFIG,
+        _evaluators(data),
+        run_dir,
+        store,
+        "run",
+        progress=False,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -121,8 +131,17 @@ def test_evaluator_metrics_appear_in_history_and_store(tmp_path: Path) -> None:
     store = ResultsStore(tmp_path / "r.db")
     _register(store, "run", "sgd")
     config = TrainConfig(epochs=2, batch_size=16)
-    history = train(model, optimizer, data, _mse, config, _evaluators(data), store=store,
-                    run_id="run", progress=False)
+    history = train(
+        model,
+        optimizer,
+        data,
+        _mse,
+        config,
+        _evaluators(data),
+        store=store,
+        run_id="run",
+        progress=False,
+    )
     names = {"train_loss", "epoch_seconds", "val_loss", "numpy_draw", "python_draw"}
     assert all(h.keys() == names | {"epoch"} for h in history)
     curves = store.curves("run")
@@ -136,14 +155,28 @@ def test_metric_name_clash_raises(clashing_name: str) -> None:
     model, optimizer, data = _make_run("adamw")
     evaluators = [loss_evaluator(_mse, data), lambda model, epoch: {clashing_name: 0.0}]
     with pytest.raises(ValueError, match=clashing_name):
-        train(model, optimizer, data, _mse, TrainConfig(epochs=1, batch_size=16), evaluators,
-              progress=False)
+        train(
+            model,
+            optimizer,
+            data,
+            _mse,
+            TrainConfig(epochs=1, batch_size=16),
+            evaluators,
+            progress=False,
+        )
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
     model, optimizer, data = _make_run("adamw")
-    history = train(model, optimizer, data, _mse, TrainConfig(epochs=2, batch_size=16),
-                    run_dir=tmp_path, progress=False)
+    history = train(
+        model,
+        optimizer,
+        data,
+        _mse,
+        TrainConfig(epochs=2, batch_size=16),
+        run_dir=tmp_path,
+        progress=False,
+    )
     payload = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert payload["epoch"] == 2
     assert payload["history"] == history
@@ -157,19 +190,34 @@ def test_finished_run_dir_is_not_trained_again(tmp_path: Path) -> None:
     config = TrainConfig(epochs=2, batch_size=16)
     history = train(model, optimizer, data, _mse, config, run_dir=tmp_path, progress=False)
     model_again, optimizer_again, _ = _make_run("adamw")
-    again = train(model_again, optimizer_again, data, _mse, config, run_dir=tmp_path,
-                  progress=False)
+    again = train(
+        model_again, optimizer_again, data, _mse, config, run_dir=tmp_path, progress=False
+    )
     assert again == history
     _assert_bitwise_equal(model_again.state_dict(), model.state_dict())
 
 
 def test_resume_with_a_different_batch_size_raises(tmp_path: Path) -> None:
     model, optimizer, data = _make_run("adamw")
-    train(model, optimizer, data, _mse, TrainConfig(epochs=1, batch_size=16), run_dir=tmp_path,
-          progress=False)
+    train(
+        model,
+        optimizer,
+        data,
+        _mse,
+        TrainConfig(epochs=1, batch_size=16),
+        run_dir=tmp_path,
+        progress=False,
+    )
     with pytest.raises(ValueError, match="batch_size"):
-        train(model, optimizer, data, _mse, TrainConfig(epochs=2, batch_size=8), run_dir=tmp_path,
-              progress=False)
+        train(
+            model,
+            optimizer,
+            data,
+            _mse,
+            TrainConfig(epochs=2, batch_size=8),
+            run_dir=tmp_path,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "dopr-adamw", "dopr-muon"])
@@ -181,7 +229,9 @@ def test_resume_after_kill_between_store_rows_and_checkpoint_is_bitwise_exact(
         _register(store, "run", optimizer_name)
     killed = subprocess.run(
         [sys.executable, __file__, str(run_dir), str(db), optimizer_name],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert killed.returncode == 1, killed.stderr
     assert torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["epoch"] == KILLED_AT_EPOCH - 1
@@ -190,11 +240,22 @@ def test_resume_after_kill_between_store_rows_and_checkpoint_is_bitwise_exact(
     assert not store.is_complete("run")
 
     model, optimizer, data = _make_run(optimizer_name)
-    resumed = train(model, optimizer, data, _mse, CONFIG, _evaluators(data), run_dir, store,
-                    "run", progress=False)
+    resumed = train(
+        model,
+        optimizer,
+        data,
+        _mse,
+        CONFIG,
+        _evaluators(data),
+        run_dir,
+        store,
+        "run",
+        progress=False,
+    )
     ref_model, ref_optimizer, ref_data = _make_run(optimizer_name)
-    reference = train(ref_model, ref_optimizer, ref_data, _mse, CONFIG, _evaluators(ref_data),
-                      progress=False)
+    reference = train(
+        ref_model, ref_optimizer, ref_data, _mse, CONFIG, _evaluators(ref_data), progress=False
+    )
 
     _assert_bitwise_equal(model.state_dict(), ref_model.state_dict(), "model")
     _assert_bitwise_equal(optimizer.state_dict(), ref_optimizer.state_dict(), "optimizer")

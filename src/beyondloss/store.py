@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs (run_id),
     epoch  INTEGER NOT NULL,
     name   TEXT NOT NULL,
-    value  REAL NOT NULL,
+    value  REAL,  -- NULL stands for NaN, which SQLite cannot store, and ±inf are kept as is
     PRIMARY KEY (run_id, epoch, name)
 );
 """
@@ -203,7 +203,7 @@ class ResultsStore:
         curves: dict[str, list[float]] = {"epoch": [float(epoch) for epoch in epochs]}
         for row in rows:
             values = curves.setdefault(row["name"], [math.nan] * len(epochs))
-            values[position[row["epoch"]]] = row["value"]
+            values[position[row["epoch"]]] = math.nan if row["value"] is None else row["value"]
         return curves
 
     def to_frame(self) -> pd.DataFrame:

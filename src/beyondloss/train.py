@@ -201,9 +201,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def _batches(
-    dataset: Dataset, order: Sequence[int], batch_size: int
-) -> Iterator[tuple[Any, int]]:
+def _batches(dataset: Dataset, order: Sequence[int], batch_size: int) -> Iterator[tuple[Any, int]]:
     """``(collated batch, number of samples)`` for consecutive chunks of ``order``.
 
     A ``TensorDataset`` is sliced with one index tensor per batch (same result as collating its

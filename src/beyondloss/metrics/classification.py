@@ -24,9 +24,7 @@ def _check(scores: Tensor, labels: Tensor) -> None:
     if scores.ndim != 2:
         raise ValueError(f"scores must have shape (N, C), got {tuple(scores.shape)}")
     if labels.shape != scores.shape[:1]:
-        raise ValueError(
-            f"labels must have shape ({scores.shape[0]},), got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must have shape ({scores.shape[0]},), got {tuple(labels.shape)}")
     if scores.shape[0] == 0:
         raise ValueError("metrics need at least one sample")
 

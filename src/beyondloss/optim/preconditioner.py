@@ -39,13 +39,14 @@ from beyondloss.optim.layers import LayerHelper, UnsupportedLayer, helper_for
 from beyondloss.optim.linalg import DAMPING_MODES, Inverse, damped_inverse
 
 DEFAULT_DAMPING = 1e-3
-DEFAULT_COV_EVERY = 10
-DEFAULT_INVERSE_EVERY = 10
-DEFAULT_EMA_DECAY = 0.9
-"""Default amortization: statistics on every 10th step, P refreshed with them, Σ averaged over
-about 10 collections (100 steps). The step then costs close to the FLOP floor 1 + d/(3B) of
-its base optimizer (docs/benchmark.md); ``cov_every=inverse_every=1, ema_decay=0`` is the
-per-batch formula."""
+DEFAULT_COV_EVERY = 1
+DEFAULT_INVERSE_EVERY = 1
+DEFAULT_EMA_DECAY = 0.0
+"""Defaults: the per-batch formula, Σ and P from the very batch whose gradient they
+precondition. Amortizing (``cov_every``/``inverse_every`` > 1, or an EMA of Σ) is cheaper but
+preconditions one batch's gradient with other batches' Σ; with a small ridge that amplifies
+directions the stale Σ saw as weak, and on Lorenz-63 it turned DoPr's gain into a 30× worse
+validation loss (docs/lorenz.md). The time cost of each choice is in docs/benchmark.md."""
 
 
 @dataclass
@@ -89,8 +90,8 @@ class ActivationPreconditioner:
         β ∈ [0, 1); 0 uses each collection step's Σ alone.
     cov_every, inverse_every:
         Record statistics every ``cov_every`` steps; refresh P at most every ``inverse_every``.
-        The defaults amortize (see ``DEFAULT_COV_EVERY``); 1, 1 and ``ema_decay=0`` give the
-        exact per-batch formula.
+        The defaults (1, 1, ``ema_decay=0``) are the exact per-batch formula; see
+        ``DEFAULT_COV_EVERY`` before amortizing.
     exclude:
         ``fnmatch`` patterns of module names left to the gradient preconditioner untouched.
     """

@@ -159,6 +159,5 @@ class EMA(WeightAverage):
 
     def __repr__(self) -> str:
         return (
-            f"EMA(decay={self.decay}, start_epoch={self.start_epoch}, "
-            f"n_averaged={self.n_averaged})"
+            f"EMA(decay={self.decay}, start_epoch={self.start_epoch}, n_averaged={self.n_averaged})"
         )

@@ -1,0 +1,49 @@
+"""Test-time-feedback tasks and the registry that names them on the command line.
+
+:data:`TASKS` maps a task name to a factory ``(size, data_seed) -> Task``; ``size`` is one of
+:data:`SIZES` ("quick" for studies that finish in minutes on a laptop, "full" for the reported
+numbers) and ``data_seed`` seeds the task's data. Adding a task adds one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from beyondloss.tasks.base import Splits, Task
+from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
+
+SIZES = ("quick", "full")
+"""Task sizes every factory accepts."""
+
+TaskFactory = Callable[[str, int], Task]
+"""``(size, data_seed) -> Task``; ``size`` is one of :data:`SIZES`."""
+
+
+def _check_size(size: str) -> None:
+    if size not in SIZES:
+        raise ValueError(f"unknown task size {size!r}; expected one of {', '.join(SIZES)}")
+
+
+def lorenz(size: str, data_seed: int) -> Lorenz63Task:
+    """Lorenz-63 forecasting at :meth:`LorenzConfig.quick` or :meth:`LorenzConfig.full`."""
+    _check_size(size)
+    make_config = LorenzConfig.quick if size == "quick" else LorenzConfig.full
+    return Lorenz63Task(make_config(data_seed))
+
+
+TASKS: dict[str, TaskFactory] = {"lorenz": lorenz}
+"""Task name → factory ``(size, data_seed) -> Task``."""
+
+
+def make_task(name: str, size: str = "quick", seed: int = 0) -> Task:
+    """The task registered as ``name`` at ``size`` with data seed ``seed``.
+
+    Raises ``ValueError`` naming the known tasks (or sizes) if ``name`` (or ``size``) is unknown.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(sorted(TASKS))}")
+    _check_size(size)
+    return TASKS[name](size, seed)
+
+
+__all__ = ["SIZES", "TASKS", "Splits", "Task", "TaskFactory", "lorenz", "make_task"]

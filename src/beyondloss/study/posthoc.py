@@ -1,0 +1,700 @@
+"""The post-hoc reversal study on noisy labels: train seeds × configs, then select two ways.
+
+For one dataset (:data:`beyondloss.tasks.noisy_labels.DATASETS`) at one noise rate and kind,
+every ``(lr, weight decay, seed)`` is trained by the one training loop
+(:func:`beyondloss.train.train`) with a :class:`~beyondloss.posthoc.tracker.PosthocTracker` as
+its evaluator: SWA of the end-of-epoch weights from epoch 1, logits of the base model and of
+its SWA on val and test after every epoch. Temperatures are fitted on val (noisy labels), per
+epoch, inside each transform (:class:`~beyondloss.posthoc.ensemble.Composition`).
+
+Selection (:mod:`beyondloss.selection.posthoc`) compares, for each of :data:`TRANSFORMS`,
+
+* **naive**: each run's epoch (and the config) by the *base* model's val metric, the transform
+  applied there; an ensemble's members each at their own naive epoch;
+* **post-hoc**: epoch (and config) by the *transformed* model's val metric; one shared epoch
+  for an ensemble,
+
+with the selection metric ``m`` (error, then NLL) on val with noisy labels and the test metric
+of the same name reported on noisy and on clean test labels. ``gain = naive − post-hoc``:
+positive when post-hoc selection is better. This is done for the default config alone and,
+when the grid has more than one config, over the grid (config chosen by the same rule).
+
+Layout under ``out``: the results store ``beyondloss.db`` (shared with the other studies; one
+row per run and per (epoch, metric)) and the study folder ``posthoc-<dataset>-<kind><noise>/``
+holding ``runs/<run id>/posthoc.pt`` (the run's :class:`~beyondloss.posthoc.tracker.PosthocLog`,
+written atomically once the run is complete), ``table.md``, ``table.csv``, ``reversal.md`` and
+``curves.png``. A run whose log exists is skipped on a rerun; a run interrupted before writing
+its log is trained again from scratch (runs take seconds, so no per-epoch checkpoints).
+
+Runs execute in ``workers`` spawned processes with one torch thread each. Every run builds the
+same data (data seed of the dataset) and seeds torch with its own seed, so its result does not
+depend on the worker that ran it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from beyondloss.optim.factory import make_optimizer
+from beyondloss.posthoc.ensemble import Composition
+from beyondloss.posthoc.tracker import PosthocLog, PosthocTracker
+from beyondloss.selection.curves import CurveBook, Curves
+from beyondloss.selection.posthoc import compare_selection, config_reversal
+from beyondloss.selection.reversal import reversal_table
+from beyondloss.store import ResultsStore
+from beyondloss.study.ttf import STORE_NAME
+from beyondloss.tasks.noisy_labels import (
+    DATASETS,
+    NOISE_KINDS,
+    NoisyLabelData,
+    NoisyLabelDataset,
+    cross_entropy,
+)
+from beyondloss.train import TrainConfig, train
+
+TRANSFORMS = (
+    Composition("base"),
+    Composition("base", final_ts=True),
+    Composition("swa"),
+    Composition("swa", final_ts=True),
+    Composition("base", ensemble=True),
+    Composition("base", ensemble=True, final_ts=True),
+    Composition("swa", ensemble=True),
+    Composition("swa", ensemble=True, final_ts=True),
+)
+"""base, TS, SWA, SWA+TS, Ens, Ens+TS, SWA+Ens, SWA+Ens+TS (ensembles need two seeds or more).
+Ensembles temperature-scale their members before the mean of logits."""
+
+PLOTTED = ("base", "SWA+TS", "SWA+Ens+TS")
+"""Transforms drawn in ``curves.png``."""
+
+SELECTION_METRICS = ("error", "nll")
+"""Val metrics that select; each table reports the test metric of the same name."""
+
+LOG_NAME = "posthoc.pt"
+"""File name of a run's tracker log inside its run directory."""
+
+_SPLITS = (("val", "val"), ("test", "test"), ("test_clean", "clean test"))
+
+
+@dataclass(frozen=True)
+class PosthocStudyResult:
+    """Outcome of :func:`run_posthoc_study`.
+
+    Attributes
+    ----------
+    directory:
+        The study folder (``table.md``, ``table.csv``, ``reversal.md``, ``curves.png``,
+        ``runs/``).
+    trained, skipped:
+        Run ids trained by this call and run ids whose log already existed, in grid order.
+    rows:
+        The rows of ``table.csv``: one per (scope, selection metric, transform), with
+        ``scope`` ``"default"`` or ``"grid"`` and the columns of
+        :func:`~beyondloss.selection.posthoc.compare_selection`.
+    markdown, reversal:
+        The contents of ``table.md`` and ``reversal.md``.
+    wall_seconds:
+        Wall time of the call up to writing ``table.md``.
+    """
+
+    directory: Path
+    trained: tuple[str, ...]
+    skipped: tuple[str, ...]
+    rows: tuple[dict[str, Any], ...]
+    markdown: str
+    reversal: str
+    wall_seconds: float
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker process needs to train one run (picklable)."""
+
+    dataset: NoisyLabelDataset
+    noise: float
+    kind: str
+    lr: float
+    weight_decay: float
+    seed: int
+    run_id: str
+    log_path: Path
+    db: Path
+    study: str
+
+
+def study_name(dataset: str, noise: float, kind: str) -> str:
+    """Folder name of a study, e.g. ``posthoc-digits-symmetric0.4``."""
+    return f"posthoc-{dataset}-{kind}{noise:g}"
+
+
+def config_name(lr: float, weight_decay: float) -> str:
+    """Name of a grid config in tables, e.g. ``lr=0.0001,wd=0``."""
+    return f"lr={lr:g},wd={weight_decay:g}"
+
+
+def run_id(
+    dataset: NoisyLabelDataset, noise: float, kind: str, lr: float, wd: float, seed: int
+) -> str:
+    """Run id, e.g. ``digits-symmetric0.4-adamw-lr0.0001-wd0-s3``."""
+    return f"{dataset.name}-{kind}{noise:g}-{dataset.optimizer}-lr{lr:g}-wd{wd:g}-s{seed}"
+
+
+def _positive_values(name: str, values: Sequence[float], allow_zero: bool) -> tuple[float, ...]:
+    out = tuple(float(v) for v in values)
+    if not out:
+        raise ValueError(f"{name} must hold at least one value")
+    if not all(math.isfinite(v) and (v >= 0 if allow_zero else v > 0) for v in out):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {list(out)}")
+    if len({f"{v:g}" for v in out}) != len(out):
+        raise ValueError(f"{name} must be distinct, got {list(out)}")
+    return out
+
+
+def run_posthoc_study(
+    dataset: str | NoisyLabelDataset,
+    noise: float = 0.4,
+    noise_kind: str = "symmetric",
+    seeds: int = 8,
+    lrs: Sequence[float] | None = None,
+    weight_decays: Sequence[float] | None = None,
+    out: str | os.PathLike[str] = "runs",
+    workers: int = 2,
+    progress: bool = True,
+    command: str | None = None,
+) -> PosthocStudyResult:
+    """Train every ``(lr, weight decay, seed)`` run, select naive vs post-hoc, write the report.
+
+    Parameters
+    ----------
+    dataset:
+        A name in :data:`~beyondloss.tasks.noisy_labels.DATASETS` or a
+        :class:`~beyondloss.tasks.noisy_labels.NoisyLabelDataset` (its ``name`` identifies its
+        runs: a changed dataset needs a new name or a new ``out``).
+    noise, noise_kind:
+        Label-noise rate in [0, 1] and kind (one of
+        :data:`~beyondloss.tasks.noisy_labels.NOISE_KINDS`), applied to train, val and test.
+    seeds:
+        Runs per config, seeds ``0 .. seeds − 1``; ensembles need ``seeds >= 2``.
+    lrs, weight_decays:
+        The grid is their product; ``None`` gives the dataset's ``lr`` (``weight_decay``). The
+        default config is the dataset's ``(lr, weight_decay)`` when it is in the grid, else the
+        first config.
+    out:
+        Folder of the results store and the study folder.
+    workers:
+        Processes training runs in parallel, one torch thread each.
+    progress:
+        A tqdm bar over runs (and one over curve computations) on stderr.
+    command:
+        The command line recorded in ``table.md``; ``None`` records this call.
+
+    Raises ``ValueError`` for invalid arguments or a stored log of another length, and
+    ``RuntimeError`` naming the run if a run fails (finished runs keep their logs).
+    """
+    began = time.perf_counter()
+    spec = DATASETS[dataset] if isinstance(dataset, str) and dataset in DATASETS else dataset
+    if not isinstance(spec, NoisyLabelDataset):
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {noise}")
+    if noise_kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {noise_kind!r}; expected one of {NOISE_KINDS}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    grid_lrs = _positive_values("lrs", lrs if lrs is not None else [spec.lr], allow_zero=False)
+    grid_wds = _positive_values(
+        "weight_decays",
+        weight_decays if weight_decays is not None else [spec.weight_decay],
+        allow_zero=True,
+    )
+    configs = list(product(grid_lrs, grid_wds))
+    preferred = (spec.lr, spec.weight_decay)
+    default = preferred if preferred in configs else configs[0]
+    out = Path(out)
+    directory = out / study_name(spec.name, noise, noise_kind)
+    directory.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        command = (
+            f"run_posthoc_study({spec.name!r}, noise={noise:g}, noise_kind={noise_kind!r}, "
+            f"seeds={seeds}, lrs={list(grid_lrs)}, weight_decays={list(grid_wds)}, "
+            f"out={str(out)!r}, workers={workers})"
+        )
+
+    jobs = [
+        _Job(
+            dataset=spec,
+            noise=noise,
+            kind=noise_kind,
+            lr=lr,
+            weight_decay=wd,
+            seed=seed,
+            run_id=run_id(spec, noise, noise_kind, lr, wd, seed),
+            log_path=directory / "runs" / run_id(spec, noise, noise_kind, lr, wd, seed) / LOG_NAME,
+            db=out / STORE_NAME,
+            study=directory.name,
+        )
+        for lr, wd in configs
+        for seed in range(seeds)
+    ]
+    pending = [job for job in jobs if not job.log_path.exists()]
+    skipped = tuple(job.run_id for job in jobs if job.log_path.exists())
+    _execute(pending, workers, progress, total=len(jobs))
+
+    grid: dict[str, list[PosthocLog]] = {}
+    for job in jobs:
+        grid.setdefault(config_name(job.lr, job.weight_decay), []).append(_load(job))
+    default_name = config_name(*default)
+    transforms = [c for c in TRANSFORMS if seeds > 1 or not c.ensemble]
+    book = CurveBook(grid)
+    pairs = [(g, c) for g in grid for c in transforms]
+    for g, c in tqdm(pairs, unit="curve", desc="curves", disable=not progress):
+        book.curves(g, c)
+    default_book = _SubBook(book, [default_name])
+
+    rows = [
+        {"scope": "default"} | row
+        for metric in SELECTION_METRICS
+        for row in compare_selection(default_book.grid, transforms, metric, default_book)
+    ]
+    if len(grid) > 1:
+        rows += [
+            {"scope": "grid"} | row
+            for metric in SELECTION_METRICS
+            for row in compare_selection(grid, transforms, metric, book)
+        ]
+    curves = {c.name: default_book.curves(default_name, c) for c in transforms}
+    data = spec.build(noise, noise_kind)
+    with _replacing(directory / "curves.png") as path:
+        _plot(path, curves, f"{directory.name}, {default_name}, {seeds} seeds")
+    reversal = _reversal_markdown(directory.name, curves, book, transforms)
+    with _replacing(directory / "reversal.md") as path:
+        path.write_text(reversal + "\n")
+    with _replacing(directory / "table.csv") as path:
+        _write_csv(path, rows)
+    trained = tuple(job.run_id for job in pending)
+    wall_seconds = time.perf_counter() - began
+    setup = _setup_text(spec, data, noise, noise_kind, seeds, configs)
+    header = [
+        f"# Post-hoc selection study `{directory.name}`",
+        "",
+        f"Command: `{command}`  ",
+        f"Wall time: {wall_seconds:.1f} s ({len(trained)} runs trained, {len(skipped)} already "
+        f"complete; {workers} workers)",
+        "",
+        setup,
+    ]
+    markdown = _table_markdown(header, default_name, len(configs), rows)
+    with _replacing(directory / "table.md") as path:
+        path.write_text(markdown + "\n")
+    return PosthocStudyResult(
+        directory=directory,
+        trained=trained,
+        skipped=skipped,
+        rows=tuple(rows),
+        markdown=markdown,
+        reversal=reversal,
+        wall_seconds=wall_seconds,
+    )
+
+
+class _SubBook(CurveBook):
+    """Some configs of a :class:`CurveBook`, sharing its computed curves."""
+
+    def __init__(self, book: CurveBook, configs: Sequence[str]) -> None:
+        super().__init__({g: book.grid[g] for g in configs})
+        self._source = book
+
+    def curves(self, config: str, composition: Composition) -> Curves:
+        return self._source.curves(config, composition)
+
+
+def _load(job: _Job) -> PosthocLog:
+    """The run's log; ``ValueError`` if it does not span epochs ``1..epochs`` of its dataset."""
+    log = PosthocLog.load(job.log_path)
+    if log.epochs != list(range(1, job.dataset.epochs + 1)):
+        raise ValueError(
+            f"{job.log_path} holds epochs {log.epochs[0]}..{log.epochs[-1]}, the dataset "
+            f"{job.dataset.name!r} trains {job.dataset.epochs}: use another out folder or "
+            "another dataset name"
+        )
+    return log
+
+
+def _execute(jobs: list[_Job], workers: int, progress: bool, total: int) -> None:
+    """Train ``jobs`` in a spawned process pool, with a bar over all ``total`` runs."""
+    bar = tqdm(
+        total=total, initial=total - len(jobs), unit="run", desc="training", disable=not progress
+    )
+    try:
+        if not jobs:
+            return
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(jobs)), mp_context=context, initializer=_init_worker
+        ) as pool:
+            futures = {pool.submit(_run_one, job): job.run_id for job in jobs}
+            try:
+                for future in as_completed(futures):
+                    try:
+                        future.result()
+                    except Exception as error:
+                        raise RuntimeError(f"run {futures[future]} failed: {error}") from error
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    finally:
+        bar.close()
+
+
+def _init_worker() -> None:
+    """One torch thread per worker: runs stay reproducible and workers don't contend."""
+    torch.set_num_threads(1)
+
+
+def _run_one(job: _Job) -> None:
+    """Train one run (in a worker): register it, train with the tracker, save the log."""
+    spec = job.dataset
+    data = spec.build(job.noise, job.kind)
+    torch.manual_seed(job.seed)
+    model = spec.make_model(data.n_features, data.n_classes)
+    optimizer = make_optimizer(spec.optimizer, model, lr=job.lr, weight_decay=job.weight_decay)
+    tracker = PosthocTracker(data.val, data.test, swa_start=1)
+    config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, seed=job.seed)
+    with ResultsStore(job.db) as store:
+        store.add_run(
+            job.run_id,
+            task=f"noisy-{spec.name}",
+            optimizer=spec.optimizer,
+            lr=job.lr,
+            weight_decay=job.weight_decay,
+            seed=job.seed,
+            config={
+                "study": job.study,
+                "noise": job.noise,
+                "noise_kind": job.kind,
+                "epochs": spec.epochs,
+                "batch_size": spec.batch_size,
+                "n_samples": spec.n_samples,
+                "fractions": list(spec.fractions),
+                "data_seed": spec.data_seed,
+            },
+        )
+        train(
+            model,
+            optimizer,
+            data.train,
+            cross_entropy,
+            config,
+            [tracker],
+            store=store,
+            run_id=job.run_id,
+            progress=False,
+        )
+    tracker.log.save(job.log_path)
+
+
+def _format(metric: str, value: float, gain: bool = False) -> str:
+    """Error in percent (2 decimals), NLL in nats (4 decimals); gains carry a sign."""
+    if metric == "error":
+        return f"{100 * value:+.2f}" if gain else f"{100 * value:.2f}"
+    return f"{value:+.4f}" if gain else f"{value:.4f}"
+
+
+def _epochs(epochs: Sequence[int]) -> str:
+    """Selected epochs of the runs: the single value, or their mean with min–max."""
+    if len(set(epochs)) == 1:
+        return str(epochs[0])
+    return f"{np.mean(epochs):.1f} ({min(epochs)}–{max(epochs)})"
+
+
+def _selection_table(rows: Sequence[Mapping[str, Any]], metric: str, grid: bool) -> str:
+    """Markdown table of the rows selected by val ``metric``: test ``metric`` on noisy and
+    clean labels, naive vs post-hoc, with the gain."""
+    unit = "%" if metric == "error" else "nats"
+    head = ["transform"] + (["config naive", "config post-hoc"] if grid else [])
+    head += ["epoch naive", "epoch post-hoc"]
+    for label in ("test", "clean test"):
+        head += [f"{label} {metric} naive ({unit})", "post-hoc", "gain"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
+    for row in rows:
+        if row["metric"] != metric:
+            continue
+        cells = [row["transform"]]
+        if grid:
+            cells += [row["config_naive"], row["config_posthoc"]]
+        cells += [_epochs(row["epochs_naive"]), _epochs(row["epochs_posthoc"])]
+        for key in (f"test_{metric}", f"test_clean_{metric}"):
+            cells += [
+                _format(metric, row[f"{key}_naive"]),
+                _format(metric, row[f"{key}_posthoc"]),
+                _format(metric, row[f"{key}_gain"], gain=True),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _setup_text(
+    spec: NoisyLabelDataset,
+    data: NoisyLabelData,
+    noise: float,
+    kind: str,
+    seeds: int,
+    configs: Sequence[tuple[float, float]],
+) -> str:
+    """The paragraph of ``table.md`` that says what was trained and how it is selected."""
+    n_val = data.val.labels.numel()
+    network = spec.make_model(data.n_features, data.n_classes)
+    n_params = sum(p.numel() for p in network.parameters())
+    model = getattr(spec.make_model, "__name__", type(network).__name__)
+    rates = ", ".join(
+        f"{split} {100 * float((noisy != clean).double().mean()):.1f} % of {noisy.numel()}"
+        for split, noisy, clean in (
+            ("train", data.train.tensors[1], data.train_clean),
+            ("val", data.val.labels, data.val.clean_labels),
+            ("test", data.test.labels, data.test.clean_labels),
+        )
+    )
+    paragraphs = [
+        f"Dataset `{spec.name}` ({data.n_features} features, {data.n_classes} classes), "
+        f"{kind} label noise at rate {noise:g}; realised flips: {rates}. Val and test carry the "
+        "noisy labels (selection uses val); clean-label test metrics are reported beside. "
+        f"Val standard error of an error rate ≤ {50 / math.sqrt(n_val):.1f} points "
+        f"(0.5/√{n_val}).",
+        f"Model `{model}` ({n_params:,} parameters), optimizer {spec.optimizer}, "
+        f"{spec.epochs} epochs of batch {spec.batch_size}, seeds 0–{seeds - 1}; configs "
+        f"{', '.join(config_name(*c) for c in configs)}. SWA averages end-of-epoch weights from "
+        "epoch 1; every temperature is fitted on val; ensembles average the seeds' logits after "
+        "per-member TS.",
+        "",
+        "Naive: epoch (and config) by the base model's val metric, transform applied there "
+        "(ensemble members each at their own epoch). Post-hoc: epoch (and config) by the "
+        "transformed model's val metric (one shared epoch for ensembles). Test values are means "
+        "over seeds for single models; gain = naive − post-hoc (positive: post-hoc is better). "
+        "Epochs: one value, or the mean (min–max) over runs.",
+    ]
+    return "\n".join(paragraphs)
+
+
+def _table_markdown(
+    header: Sequence[str], default_name: str, n_configs: int, rows: Sequence[Mapping[str, Any]]
+) -> str:
+    """``table.md``: ``header`` lines, then a selection table per scope and selection metric."""
+    lines = list(header)
+    scopes = [("default", f"Default config `{default_name}`", False)]
+    if any(row["scope"] == "grid" for row in rows):
+        scopes.append(("grid", f"Grid of {n_configs} configs × epochs", True))
+    for scope, title, grid in scopes:
+        scoped = [row for row in rows if row["scope"] == scope]
+        for metric in SELECTION_METRICS:
+            lines += [
+                "",
+                f"## {title}: selected by val {metric}",
+                "",
+                _selection_table(scoped, metric, grid),
+            ]
+    lines += ["", "![base vs SWA+TS vs SWA+Ens+TS over epochs](curves.png)"]
+    return "\n".join(lines)
+
+
+def _reversal_markdown(
+    name: str,
+    curves: Mapping[str, Curves],
+    book: CurveBook,
+    transforms: Sequence[Composition],
+) -> str:
+    """Reversal over epochs (default config, curves averaged over seeds) and over configs."""
+    lines = [
+        f"# Post-hoc reversal report `{name}`",
+        "",
+        "Over epochs, default config, curves averaged over seeds (ensembles: one curve). For "
+        "each transform against the base model: the epochs where each curve is lowest, the "
+        "number of epoch pairs whose order the transform reverses (tolerance 0) with the "
+        "largest such pair and its size, and the regret: the transform's metric at the base "
+        "model's best epoch minus its own minimum (what naive selection gives up). Error in "
+        "points, NLL in nats.",
+    ]
+    for metric in SELECTION_METRICS:
+        scale = 100.0 if metric == "error" else 1.0
+        digits = 2 if metric == "error" else 4
+        tables = {
+            split: {
+                row["transform"]: row for row in reversal_table(curves, metric=metric, split=split)
+            }
+            for split, _ in _SPLITS
+        }
+        head = [
+            "transform",
+            "val: best epoch base → transform",
+            "reversed pairs",
+            "largest reversal (epochs: size)",
+            "val regret",
+            "test: best epochs",
+            "test regret",
+            "clean test: best epochs",
+            "clean test regret",
+        ]
+        lines += [
+            "",
+            f"## {metric} over epochs",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---|" + "---|" * (len(head) - 1),
+        ]
+        for name_ in curves:
+            if name_ == "base":
+                continue
+            val = tables["val"][name_]
+            largest = (
+                "–"
+                if val["largest_pair"] is None
+                else f"{val['largest_pair'][0]} vs {val['largest_pair'][1]}: "
+                f"{scale * val['largest_reversal']:.{digits}f}"
+            )
+            cells = [
+                name_,
+                f"{val['base_best']} → {val['posthoc_best']}",
+                f"{val['n_reversed']} ({100 * val['reversed_fraction']:.1f} %)",
+                largest,
+                f"{scale * val['regret']:.{digits}f}",
+            ]
+            for split in ("test", "test_clean"):
+                row = tables[split][name_]
+                cells += [
+                    f"{row['base_best']} → {row['posthoc_best']}",
+                    f"{scale * row['regret']:.{digits}f}",
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
+
+    mismatch = reversal_table(curves, metric="nll", split="val")
+    lines += [
+        "",
+        "## Loss–error mismatch on val",
+        "",
+        "Per transform: epochs of its lowest val NLL and val error; when the error is lowest "
+        "later, how much the NLL rose and the error fell in between, and on how many of the "
+        "epoch steps after the NLL minimum the NLL rose while the error fell.",
+        "",
+        "| transform | NLL best epoch | error best epoch | NLL rise (nats) | error drop (points) "
+        "| mismatched steps | mismatch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in mismatch:
+        lines.append(
+            f"| {row['transform']} | {row['mismatch_nll_best']} | {row['mismatch_error_best']} "
+            f"| {row['mismatch_nll_rise']:.4f} | {100 * row['mismatch_error_drop']:.2f} "
+            f"| {row['mismatched_steps']} / {row['mismatch_steps_after_nll_min']} "
+            f"| {'yes' if row['mismatch_mismatch'] else 'no'} |"
+        )
+
+    if len(book.grid) > 1:
+        lines += [
+            "",
+            "## Over configs",
+            "",
+            "Each config scored by its naive criterion (mean over seeds of the base model's "
+            "best val metric) and by its post-hoc criterion (the same for the transformed "
+            "model); reversed pairs of configs, the config each criterion picks, and the "
+            "post-hoc regret of the naive pick.",
+            "",
+            "| transform | metric | reversed pairs | naive best | post-hoc best | regret |",
+            "|---|---|---|---|---|---|",
+        ]
+        for metric in SELECTION_METRICS:
+            scale, digits = (100.0, 2) if metric == "error" else (1.0, 4)
+            for c in transforms:
+                if c.name == "base":
+                    continue
+                row = config_reversal(book, c, metric)
+                lines.append(
+                    f"| {c.name} | val {metric} | {row['n_reversed']} "
+                    f"({100 * row['reversed_fraction']:.0f} %) | {row['base_best']} "
+                    f"| {row['posthoc_best']} | {scale * row['regret']:.{digits}f} |"
+                )
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Every row with every column (union over rows); epochs as space-separated integers."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {
+                    key: " ".join(map(str, value)) if isinstance(value, tuple) else value
+                    for key, value in row.items()
+                }
+            )
+
+
+def _plot(path: Path, curves: Mapping[str, Curves], title: str) -> None:
+    """Error and NLL over epochs on val, test and clean test for :data:`PLOTTED`: mean over
+    seeds with a ±1 std band (ensembles: one line). NLL panels are cut above the highest
+    transformed curve, so the base model's late NLL leaves the panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    shown = [name for name in PLOTTED if name in curves]
+    figure, axes = plt.subplots(2, len(_SPLITS), figsize=(5.0 * len(_SPLITS), 7.5))
+    for row, metric in enumerate(SELECTION_METRICS):
+        scale = 100.0 if metric == "error" else 1.0
+        for column, (split, label) in enumerate(_SPLITS):
+            axis = axes[row, column]
+            for name in shown:
+                values = scale * curves[name].values[f"{split}_{metric}"]
+                epochs = curves[name].epochs
+                mean = values.mean(axis=0)
+                (line,) = axis.plot(epochs, mean, label=name)
+                if values.shape[0] > 1:
+                    spread = values.std(axis=0, ddof=1)
+                    axis.fill_between(
+                        epochs, mean - spread, mean + spread, color=line.get_color(), alpha=0.2
+                    )
+            if metric == "nll" and len(shown) > 1:
+                means = [curves[n].values[f"{split}_nll"].mean(axis=0) for n in shown]
+                low = min(float(m.min()) for m in means)
+                high = max(float(m.max()) for m in means[1:])
+                axis.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+            axis.set_title(f"{label} {metric}")
+            axis.set_xlabel("epoch")
+            axis.set_ylabel("error (%)" if metric == "error" else "NLL (nats)")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` and move it over ``path`` once written."""
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
