@@ -1,4 +1,5 @@
-"""Tests of the command line: parsing into a study spec, input validation, help and version."""
+"""Tests of the command line: parsing into a study spec, ``ttf all``, input validation, help and
+version."""
 
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ def specs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[StudySpec, bool, str]]:
     return calls
 
 
+@pytest.fixture
+def suites(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """Captures the arguments of every ``run_all`` the CLI starts, without training; a study
+    failed when ``failures`` is set on the fixture's list before the call."""
+    calls: list[dict[str, object]] = []
+
+    def fake_run_all(size: str, progress: bool, command: str, **study: object) -> SimpleNamespace:
+        calls.append({"size": size, "progress": progress, "command": command, **study})
+        failures = {"flow": "Traceback ...\nRuntimeError: boom"} if study["workers"] == 1 else {}
+        return SimpleNamespace(markdown="| the summary |", failures=failures)
+
+    monkeypatch.setattr(cli, "run_all", fake_run_all)
+    return calls
+
+
 def test_defaults_come_from_the_study_spec(
     specs: list[tuple[StudySpec, bool, str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -41,7 +57,8 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
     argv = [
         "ttf", "lorenz", "--size", "full", "--optimizers", "sgd, dopr-sgd", "--seeds", "2",
         "--lrs", "1e-3,3e-2", "--weight-decay", "0.01", "--workers", "1", "--out", "elsewhere",
-        "--no-progress",
+        "--no-progress", "--damping", "0.01", "--damping-mode", "trace", "--cov-every", "10",
+        "--inverse-every", "20", "--ema-decay", "0.9",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     [(spec, progress, command)] = specs
@@ -52,20 +69,69 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
         lrs=(1e-3, 3e-2),
         seeds=2,
         weight_decay=0.01,
+        dopr={
+            "damping": 0.01,
+            "damping_mode": "trace",
+            "cov_every": 10,
+            "inverse_every": 20,
+            "ema_decay": 0.9,
+        },
         workers=1,
         out=Path("elsewhere"),
     )
     assert not progress
     assert command == "beyondloss ttf lorenz --size full --optimizers 'sgd, dopr-sgd' " + (
-        "--seeds 2 --lrs 1e-3,3e-2 --weight-decay 0.01 --workers 1 --out elsewhere --no-progress"
+        "--seeds 2 --lrs 1e-3,3e-2 --weight-decay 0.01 --workers 1 --out elsewhere --no-progress "
+        "--damping 0.01 --damping-mode trace --cov-every 10 --inverse-every 20 --ema-decay 0.9"
     )
+
+
+def test_ttf_all_passes_the_options_to_run_all_and_prints_the_summary(
+    suites: list[dict[str, object]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["ttf", "all", "--size", "full", "--cov-every", "4"]) == 0
+    [call] = suites
+    assert call == {
+        "size": "full",
+        "progress": True,
+        "command": "beyondloss ttf all --size full --cov-every 4",
+        "optimizers": ("adamw", "dopr-adamw", "muon", "dopr-muon"),
+        "lrs": None,
+        "seeds": None,
+        "weight_decay": 0.0,
+        "dopr": {"cov_every": 4},
+        "workers": 2,
+        "out": Path("runs"),
+    }
+    assert capsys.readouterr().out == "| the summary |\n"
+
+
+def test_ttf_all_exits_1_and_prints_tracebacks_when_a_task_failed(
+    suites: list[dict[str, object]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["ttf", "all", "--workers", "1", "--seeds", "5"]) == 1
+    assert suites[0]["seeds"] == 5
+    captured = capsys.readouterr()
+    assert captured.out == "| the summary |\n" and "RuntimeError: boom" in captured.err
+
+
+def test_ttf_all_validates_every_spec_before_training(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(
+            ["ttf", "all", "--optimizers", "adamw", "--cov-every", "2", "--out", str(tmp_path)]
+        )
+    assert exit_info.value.code == 2
+    assert "apply to dopr-* optimizers only" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         ([], "required: COMMAND"),
-        (["ttf", "lorentz"], "invalid choice: 'lorentz' (choose from 'lorenz')"),
+        (["ttf", "lorentz"], "invalid choice: 'lorentz' (choose from"),
         (["ttf", "lorenz", "--size", "huge"], "invalid choice: 'huge'"),
         (["ttf", "lorenz", "--optimizers", "adamw,adam"], "unknown optimizer 'adam' (choose from"),
         (["ttf", "lorenz", "--optimizers", ","], "at least one optimizer"),
@@ -78,6 +144,15 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
         (["ttf", "lorenz", "--workers", "0"], "--workers: must be at least 1"),
         (["ttf", "lorenz", "--weight-decay", "-1"], "--weight-decay: must be finite and >= 0"),
         (["ttf", "lorenz", "--bogus"], "unrecognized arguments: --bogus"),
+        (["ttf", "lorenz", "--cov-every", "0"], "--cov-every: must be at least 1"),
+        (["ttf", "lorenz", "--inverse-every", "x"], "--inverse-every: not an integer"),
+        (["ttf", "lorenz", "--ema-decay", "1"], "--ema-decay: must be < 1"),
+        (["ttf", "lorenz", "--damping", "-0.1"], "--damping: must be finite and >= 0"),
+        (["ttf", "lorenz", "--damping-mode", "fro"], "invalid choice: 'fro'"),
+        (
+            ["ttf", "lorenz", "--optimizers", "muon", "--ema-decay", "0.5"],
+            "apply to dopr-* optimizers only",
+        ),
     ],
 )
 def test_bad_input_exits_with_a_clear_message(
@@ -98,8 +173,21 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["ttf", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--size", "--optimizers", "--seeds", "--lrs", "--weight-decay", "--workers"):
+    for option in (
+        "--size",
+        "--optimizers",
+        "--seeds",
+        "--lrs",
+        "--weight-decay",
+        "--workers",
+        "--damping",
+        "--damping-mode",
+        "--cov-every",
+        "--inverse-every",
+        "--ema-decay",
+    ):
         assert option in out
+    assert "'all'" in out and "summary.md" in out
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "ttf" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Tests of the test-time-feedback study: grid, selection, reports, resume, worker independence.
+"""Tests of the test-time-feedback study: grid, selection, reports, DoPr-vs-base gains, Kendall τ,
+DoPr settings, resume, worker independence, and the study over every registered task.
 
 The study runs on :class:`LinearTask`, a tiny regression registered in the task registry for the
 test. Spawned workers import this module by name to rebuild the task, so it must stay importable
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.stats import kendalltau
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from beyondloss.store import ResultsStore
-from beyondloss.study import StudyResult, StudySpec, Summary, run_study, select_lr, summarize
+from beyondloss.study import StudyResult, StudySpec, Summary, run_study, select_lr, summarize, ttf
+from beyondloss.study.ttf import run_all
 from beyondloss.tasks import TASKS, Splits, make_task
 from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
 
@@ -32,7 +35,7 @@ class LinearTask:
     """``y = 3 x_1 - 3 x_2`` from 32 training samples, fitted by one ``nn.Linear(2, 1)``.
 
     In 2 epochs of 4 steps, lr 1e-1 fits it far better than lr 1e-4 (which barely moves the
-    initial weights), for sgd and adamw alike. The downstream ``score`` is minus the squared
+    initial weights), for sgd and dopr-sgd alike. The downstream ``score`` is minus the squared
     parameter norm, higher is better: it prefers the weights that stayed near their small
     initialisation, so downstream selection picks lr 1e-4 where val-loss selection picks 1e-1.
     """
@@ -93,7 +96,7 @@ def linear_task_registered() -> Iterator[None]:
 def _spec(out: Path, workers: int = 2) -> StudySpec:
     return StudySpec(
         task="linear",
-        optimizers=("sgd", "adamw"),
+        optimizers=("sgd", "dopr-sgd"),
         lrs=(SMALL_LR, LARGE_LR),
         seeds=2,
         workers=workers,
@@ -131,9 +134,16 @@ def _all_curves(spec: StudySpec) -> dict[str, dict[str, list[float]]]:
 def test_study_trains_every_run_and_writes_the_reports(study: StudyResult) -> None:
     assert len(study.trained) == 2 * 2 * 2 and study.skipped == ()
     assert "linear-quick-sgd-lr0.1-s1" in study.trained
-    for name in ("table.md", "table.csv", "curves.png"):
+    for name in (
+        "table.md",
+        "table.csv",
+        "dopr_vs_base.csv",
+        "curves.png",
+        "val_loss_vs_downstream.png",
+    ):
         assert (study.directory / name).stat().st_size > 0
-    assert (study.directory / "runs" / "linear-quick-adamw-lr0.0001-s0" / "checkpoint.pt").exists()
+    run_dir = study.directory / "runs" / "linear-quick-dopr-sgd-lr0.0001-s0"
+    assert (run_dir / "checkpoint.pt").exists()
     markdown = (study.directory / "table.md").read_text()
     assert "Command: `beyondloss ttf linear`" in markdown
     assert "Wall time:" in markdown
@@ -141,17 +151,22 @@ def test_study_trains_every_run_and_writes_the_reports(study: StudyResult) -> No
     with open(study.directory / "table.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 4
-    assert {"val_loss_mean", "val_loss_std", "test_err_mean", "selected_by_val_score"} <= set(
-        rows[0]
-    )
+    assert {
+        "val_loss_mean",
+        "val_loss_std",
+        "val_loss_ci95",
+        "test_err_mean",
+        "selected_by_val_score",
+    } <= set(rows[0])
 
 
 def test_study_records_runs_in_the_store(study: StudyResult) -> None:
     with ResultsStore(study.directory.parent / "beyondloss.db") as store:
-        runs = store.runs(optimizer="adamw", lr=LARGE_LR, status="complete")
-        curves = store.curves("linear-quick-adamw-lr0.1-s0")
+        runs = store.runs(optimizer="dopr-sgd", lr=LARGE_LR, status="complete")
+        curves = store.curves("linear-quick-dopr-sgd-lr0.1-s0")
     assert sorted(run["seed"] for run in runs) == [0, 1]
     assert runs[0]["task"] == "linear" and runs[0]["config"]["epochs"] == 2
+    assert "dopr" not in runs[0]["config"]
     assert curves["epoch"] == [1.0, 2.0]
     assert {"val_loss", "val_err", "val_score", "test_err", "test_score"} <= set(curves)
 
@@ -159,7 +174,7 @@ def test_study_records_runs_in_the_store(study: StudyResult) -> None:
 def test_val_loss_selects_the_lr_with_the_lowest_mean_val_loss(study: StudyResult) -> None:
     assert {opt: s.lr for opt, s in study.by_val_loss.items()} == {
         "sgd": LARGE_LR,
-        "adamw": LARGE_LR,
+        "dopr-sgd": LARGE_LR,
     }
     chosen = study.by_val_loss["sgd"]
     assert chosen.n == 2
@@ -171,7 +186,7 @@ def test_val_loss_selects_the_lr_with_the_lowest_mean_val_loss(study: StudyResul
 def test_downstream_selection_respects_higher_is_better(study: StudyResult) -> None:
     assert {opt: s.lr for opt, s in study.by_downstream.items()} == {
         "sgd": SMALL_LR,
-        "adamw": SMALL_LR,
+        "dopr-sgd": SMALL_LR,
     }
 
 
@@ -183,7 +198,7 @@ def test_rerun_skips_completed_runs(study: StudyResult) -> None:
 
 def test_rerun_trains_only_incomplete_runs(study: StudyResult) -> None:
     spec = _spec(study.directory.parent)
-    run_id = spec.run_id("adamw", SMALL_LR, 1)
+    run_id = spec.run_id("dopr-sgd", SMALL_LR, 1)
     with sqlite3.connect(spec.out / "beyondloss.db") as connection:
         connection.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", (run_id,))
     (spec.directory / "runs" / run_id / "checkpoint.pt").unlink()
@@ -207,7 +222,10 @@ def test_summarize_gives_mean_and_sample_std_over_seeds() -> None:
     }
     first, second = summarize(finals)
     assert (first.n, first.mean["val_loss"], first.std["val_loss"]) == (2, 2.0, math.sqrt(2.0))
+    # t_{0.975, 1} · √2 / √2: the 95% half-width of two values one apart from their mean.
+    assert first.half_width["val_loss"] == pytest.approx(12.706204736)
     assert second.n == 1 and math.isnan(second.std["val_loss"])
+    assert math.isnan(second.half_width["val_loss"])
 
 
 def test_select_lr_ranks_diverged_configurations_last() -> None:
@@ -224,6 +242,7 @@ def test_spec_defaults_and_run_ids() -> None:
     quick, full = StudySpec("lorenz"), StudySpec("lorenz", size="full")
     assert quick.grid_lrs == (1e-3, 3e-3, 1e-2)
     assert full.grid_lrs == (3e-4, 1e-3, 3e-3, 1e-2)
+    assert (quick.seeds, full.seeds, StudySpec("lorenz", size="full", seeds=2).seeds) == (3, 5, 2)
     assert quick.optimizers == ("adamw", "dopr-adamw", "muon", "dopr-muon")
     assert quick.run_id("dopr-adamw", 3e-3, 0) == "lorenz-quick-dopr-adamw-lr0.003-s0"
     assert quick.directory == Path("runs") / "ttf-lorenz-quick"
@@ -246,6 +265,14 @@ def test_spec_defaults_and_run_ids() -> None:
         ({"seeds": 0}, "seeds"),
         ({"weight_decay": -1.0}, "weight_decay"),
         ({"workers": 0}, "workers"),
+        ({"dopr": {"cov": 2}}, r"unknown dopr settings \['cov'\]"),
+        ({"dopr": {"cov_every": 0}}, "cov_every must be an integer >= 1"),
+        ({"dopr": {"inverse_every": 2.0}}, "inverse_every must be an integer >= 1"),
+        ({"dopr": {"ema_decay": 1.0}}, "ema_decay must be >= 0 and < 1"),
+        ({"dopr": {"damping": math.inf}}, "damping must be >= 0 and finite"),
+        ({"dopr": {"damping": "big"}}, "damping must be a number"),
+        ({"dopr": {"damping_mode": "fro"}}, "damping_mode must be one of"),
+        ({"optimizers": ("adamw",), "dopr": {"cov_every": 2}}, "dopr-\\* optimizers only"),
     ],
 )
 def test_spec_rejects_invalid_values(changes: dict[str, object], message: str) -> None:
@@ -279,3 +306,129 @@ def test_a_diverged_run_is_recorded_and_ranked_last_not_fatal(tmp_path: Path) ->
         assert store.is_complete(run_id)
         assert store.curves(run_id)["diverged"] == [1.0]
     assert math.isnan(result.summaries[0].mean["val_loss"])
+
+
+def test_dopr_settings_tag_dopr_run_ids_and_drop_defaults() -> None:
+    spec = StudySpec(
+        "lorenz", dopr={"ema_decay": 0.9, "cov_every": 10, "inverse_every": 10, "damping": 1e-3}
+    )
+    assert spec.dopr == {"cov_every": 10, "inverse_every": 10, "ema_decay": 0.9}
+    assert spec.name == "ttf-lorenz-quick-cov10-inv10-ema0.9"
+    assert (
+        spec.run_id("dopr-muon", 1e-3, 0) == "lorenz-quick-dopr-muon-lr0.001-cov10-inv10-ema0.9-s0"
+    )
+    assert spec.run_id("muon", 1e-3, 0) == "lorenz-quick-muon-lr0.001-s0"
+    assert spec.study_of("muon") == "ttf-lorenz-quick" and spec.study_of("dopr-muon") == spec.name
+    decayed = StudySpec("lorenz", weight_decay=0.1, dopr={"damping": 0.01, "damping_mode": "trace"})
+    assert decayed.run_id("dopr-adamw", 1e-2, 1) == (
+        "lorenz-quick-dopr-adamw-lr0.01-wd0.1-damp0.01-trace-s1"
+    )
+    assert StudySpec("lorenz", dopr={"cov_every": 1, "damping_mode": "trace_over_dim"}) == (
+        StudySpec("lorenz")
+    )
+
+
+def test_report_gives_confidence_intervals_gains_and_kendall_tau(study: StudyResult) -> None:
+    markdown = (study.directory / "table.md").read_text()
+    assert "mean ± 95% CI half-width over the n seeds" in markdown
+    assert "## DoPr vs base" in markdown and "| dopr-sgd vs sgd | val_loss |" in markdown
+    assert "| test_score: DoPr − base | p | val_loss: base − DoPr | p |" in markdown
+    assert "## Val loss vs downstream metric" in markdown and "| val_score | " in markdown
+    assert study.tables["dopr_vs_base"] in markdown and study.tables["kendall"] in markdown
+    with open(study.directory / "dopr_vs_base.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["criterion"], r["metric"]) for r in rows] == [
+        ("val_loss", "test_score"),
+        ("val_loss", "val_loss"),
+        ("val_score", "test_score"),
+        ("val_score", "val_loss"),
+    ]
+
+
+def test_gains_pair_seeds_each_arm_at_its_selected_lr(study: StudyResult) -> None:
+    by_loss, by_score = study.gains
+    assert (by_loss.criterion, by_loss.dopr.lr, by_loss.base.lr) == ("val_loss", LARGE_LR, LARGE_LR)
+    assert (by_score.criterion, by_score.dopr.lr, by_score.base.lr) == (
+        "val_score",
+        SMALL_LR,
+        SMALL_LR,
+    )
+    spec = _spec(study.directory.parent)
+    curves = _all_curves(spec)
+
+    def final(optimizer: str, metric: str, seed: int) -> float:
+        return curves[spec.run_id(optimizer, LARGE_LR, seed)][metric][-1]
+
+    score = [final("dopr-sgd", "test_score", s) - final("sgd", "test_score", s) for s in (0, 1)]
+    loss = [final("sgd", "val_loss", s) - final("dopr-sgd", "val_loss", s) for s in (0, 1)]
+    assert by_loss.pairs == 2 and by_loss.gains["test_score"].n == 2
+    assert by_loss.gains["test_score"].mean == pytest.approx(sum(score) / 2)
+    assert by_loss.gains["val_loss"].mean == pytest.approx(sum(loss) / 2)
+
+
+def test_kendall_tau_pools_every_checkpoint_of_every_configuration(study: StudyResult) -> None:
+    on_val, on_test = study.mismatch
+    assert (on_val.metric, on_test.metric) == ("val_score", "test_score")
+    assert on_val.checkpoints.n == 2 * 2 * 2 * 2 and on_val.final.n == 8
+    assert on_val.within.groups == 4
+    curves = _all_curves(_spec(study.directory.parent)).values()
+    losses = [value for run in curves for value in run["val_loss"]]
+    scores = [value for run in curves for value in run["val_score"]]
+    # The score is higher-is-better, so "lower loss ⇔ better" is a negative raw correlation.
+    assert on_val.checkpoints.tau == pytest.approx(-kendalltau(losses, scores).statistic)
+
+
+def test_dopr_settings_name_new_dopr_runs_and_share_the_baselines(
+    study: StudyResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One run, trained in this process (the process pool is covered above).
+    monkeypatch.setattr(ttf, "_execute", lambda jobs, *_: [ttf._run_one(job) for job in jobs])
+    spec = replace(_spec(study.directory.parent), lrs=(LARGE_LR,), seeds=1)
+    spec = replace(spec, dopr={"cov_every": 2})
+    result = run_study(spec, progress=False)
+    assert result.directory.name == "ttf-linear-quick-cov2"
+    assert result.trained == ("linear-quick-dopr-sgd-lr0.1-cov2-s0",)
+    assert result.skipped == ("linear-quick-sgd-lr0.1-s0",)
+    with ResultsStore(spec.out / "beyondloss.db") as store:
+        [run] = store.runs(run_id=result.trained[0])
+        amortized = store.curves(result.trained[0])["val_loss"]
+        per_batch = store.curves("linear-quick-dopr-sgd-lr0.1-s0")["val_loss"]
+    assert run["config"]["dopr"] == {"cov_every": 2}
+    assert run["config"]["study"] == "ttf-linear-quick-cov2"
+    assert amortized != per_batch
+    assert (result.directory / "runs" / result.trained[0] / "checkpoint.pt").exists()
+
+
+def test_run_all_studies_every_registered_task_and_survives_a_failure(
+    study: StudyResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(TASKS):
+        if name != "linear":
+            monkeypatch.delitem(TASKS, name)
+    monkeypatch.setitem(TASKS, "broken", LinearTask)
+    real_run_study = ttf.run_study
+
+    def run_study_failing_on_broken(spec: StudySpec, **options: object) -> StudyResult:
+        if spec.task == "broken":
+            raise RuntimeError("run broken-quick-sgd failed: boom")
+        return real_run_study(spec, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ttf, "run_study", run_study_failing_on_broken)
+    suite = run_all(
+        "quick",
+        progress=False,
+        command="beyondloss ttf all",
+        optimizers=("sgd", "dopr-sgd"),
+        lrs=(SMALL_LR, LARGE_LR),
+        seeds=2,
+        out=study.directory.parent,
+    )
+    assert list(suite.results) == ["linear"] and list(suite.failures) == ["broken"]
+    assert suite.results["linear"].trained == () and len(suite.results["linear"].skipped) == 8
+    summary = (suite.directory / "summary.md").read_text()
+    assert suite.directory.name == "ttf-all-quick" and summary == suite.markdown + "\n"
+    assert "Command: `beyondloss ttf all`" in summary and "Total wall time:" in summary
+    assert "[Full report](../ttf-linear-quick/table.md)" in summary
+    assert suite.results["linear"].tables["dopr_vs_base"] in summary
+    assert suite.results["linear"].tables["kendall"] in summary
+    assert "## broken\n\nFailed: `RuntimeError: run broken-quick-sgd failed: boom`" in summary

@@ -1,8 +1,10 @@
-"""Command line: ``beyondloss ttf TASK [options]`` runs the test-time-feedback study.
+"""Command line: ``beyondloss ttf TASK [options]`` runs the test-time-feedback study, and
+``beyondloss ttf all [options]`` runs it on every registered task.
 
-The parser only turns text into a :class:`~beyondloss.study.ttf.StudySpec` (whose defaults and
-validation are the library's) and calls :func:`~beyondloss.study.ttf.run_study`; the study's
-markdown table is printed to stdout.
+The parser only turns text into :class:`~beyondloss.study.ttf.StudySpec` fields (whose defaults
+and validation are the library's) and calls :func:`~beyondloss.study.ttf.run_study` or
+:func:`~beyondloss.study.ttf.run_all`; the study's markdown report (or the summary over tasks) is
+printed to stdout.
 """
 
 from __future__ import annotations
@@ -17,11 +19,23 @@ from pathlib import Path
 
 from beyondloss import __version__
 from beyondloss.optim.factory import OPTIMIZER_NAMES
-from beyondloss.study.ttf import DEFAULT_LRS, StudySpec, run_study
+from beyondloss.optim.linalg import DAMPING_MODES
+from beyondloss.study.ttf import (
+    DEFAULT_LRS,
+    DEFAULT_SEEDS,
+    DOPR_DEFAULTS,
+    DOPR_SETTINGS,
+    StudySpec,
+    run_all,
+    run_study,
+)
 from beyondloss.tasks import SIZES, TASKS
 
 _DEFAULTS = {spec_field.name: spec_field.default for spec_field in fields(StudySpec)}
 """The study's defaults, shown by ``--help`` and used when an option is omitted."""
+
+ALL_TASKS = "all"
+"""The TASK argument that runs the study on every registered task."""
 
 
 def _names(text: str) -> list[str]:
@@ -75,6 +89,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be < 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``beyondloss`` argument parser (task choices read from the registry when called)."""
     parser = argparse.ArgumentParser(
@@ -89,12 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time-feedback study: optimizers × learning rates × seeds on one task",
         description="Train every (optimizer, learning rate, seed) on TASK, select each "
         "optimizer's learning rate by mean final one-step validation loss (and, separately, by "
-        "the downstream validation metric), and report the deployed test metrics. Completed runs "
-        "are skipped on a rerun. Results go to the store OUT/beyondloss.db; the study folder "
-        "OUT/ttf-TASK-SIZE holds table.md, table.csv, curves.png and the run checkpoints.",
+        "the downstream validation metric), and report the deployed test metrics with 95% "
+        "confidence intervals over seeds, the paired gain of each dopr-X over X, and the "
+        "Kendall tau between validation loss and the downstream metric. Completed runs are "
+        "skipped on a rerun. Results go to the store OUT/beyondloss.db; the study folder "
+        "OUT/ttf-TASK-SIZE holds table.md, table.csv, dopr_vs_base.csv, curves.png, "
+        "val_loss_vs_downstream.png and the run checkpoints. TASK 'all' runs every registered "
+        "task in turn and writes OUT/ttf-all-SIZE/summary.md.",
     )
     ttf.set_defaults(error=ttf.error)
-    ttf.add_argument("task", metavar="TASK", choices=sorted(TASKS), help="task: %(choices)s")
+    ttf.add_argument(
+        "task",
+        metavar="TASK",
+        choices=[*sorted(TASKS), ALL_TASKS],
+        help="task: %(choices)s (all: every registered task in turn)",
+    )
     ttf.add_argument(
         "--size", choices=SIZES, default=_DEFAULTS["size"], help="task size (default: %(default)s)"
     )
@@ -108,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     ttf.add_argument(
         "--seeds",
         type=_positive_int,
-        default=_DEFAULTS["seeds"],
-        help="number of seeds, 0..N-1, per configuration (default: %(default)s)",
+        default=None,
+        help="number of seeds, 0..N-1, per configuration (default per size: "
+        + "; ".join(f"{size} {seeds}" for size, seeds in DEFAULT_SEEDS.items())
+        + ")",
     )
     ttf.add_argument(
         "--lrs",
@@ -125,6 +157,35 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=_DEFAULTS["weight_decay"],
         help="decoupled weight decay (default: %(default)s)",
+    )
+    dopr = ttf.add_argument_group(
+        "DoPr settings", "activation preconditioner of the dopr-* optimizers (default: DoPr's)"
+    )
+    dopr.add_argument(
+        "--damping",
+        type=_non_negative_float,
+        help=f"relative ridge gamma (default: {DOPR_DEFAULTS['damping']:g})",
+    )
+    dopr.add_argument(
+        "--damping-mode",
+        choices=DAMPING_MODES,
+        help=f"ridge scale (default: {DOPR_DEFAULTS['damping_mode']})",
+    )
+    dopr.add_argument(
+        "--cov-every",
+        type=_positive_int,
+        help=f"steps between activation statistics (default: {DOPR_DEFAULTS['cov_every']})",
+    )
+    dopr.add_argument(
+        "--inverse-every",
+        type=_positive_int,
+        help=f"steps between inverse refreshes (default: {DOPR_DEFAULTS['inverse_every']})",
+    )
+    dopr.add_argument(
+        "--ema-decay",
+        type=_unit_interval,
+        help=f"EMA decay of the activation moment, in [0, 1) "
+        f"(default: {DOPR_DEFAULTS['ema_decay']:g})",
     )
     ttf.add_argument(
         "--workers",
@@ -142,26 +203,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    Invalid input exits through ``SystemExit(2)`` with argparse's usage message.
+    Invalid input exits through ``SystemExit(2)`` with argparse's usage message. ``ttf all``
+    returns 1 if a task's study failed (its traceback goes to stderr), 0 otherwise.
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(arguments)
+    study = {
+        "optimizers": args.optimizers,
+        "lrs": args.lrs,
+        "seeds": args.seeds,
+        "weight_decay": args.weight_decay,
+        "dopr": {
+            key: getattr(args, key) for key in DOPR_SETTINGS if getattr(args, key) is not None
+        },
+        "workers": args.workers,
+        "out": args.out,
+    }
+    command = shlex.join(["beyondloss", *arguments])
+    progress = not args.no_progress
+    if args.task == ALL_TASKS:
+        try:
+            suite = run_all(args.size, progress=progress, command=command, **study)
+        except ValueError as error:
+            args.error(str(error))
+        for failure in suite.failures.values():
+            print(failure, file=sys.stderr)
+        print(suite.markdown)
+        return 1 if suite.failures else 0
     try:
-        spec = StudySpec(
-            task=args.task,
-            size=args.size,
-            optimizers=args.optimizers,
-            lrs=args.lrs,
-            seeds=args.seeds,
-            weight_decay=args.weight_decay,
-            workers=args.workers,
-            out=args.out,
-        )
+        spec = StudySpec(task=args.task, size=args.size, **study)
     except ValueError as error:
         args.error(str(error))
-    result = run_study(
-        spec, progress=not args.no_progress, command=shlex.join(["beyondloss", *arguments])
-    )
+    result = run_study(spec, progress=progress, command=command)
     print(result.markdown)
     return 0

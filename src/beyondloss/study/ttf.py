@@ -4,12 +4,20 @@ then compare optimizers at the learning rate that standard practice would pick.
 Standard practice selects each optimizer's learning rate by its one-step validation loss (lowest
 mean final-epoch ``val_loss`` over seeds) and the table reports, for that choice, the deployed
 (downstream) test metrics. The same grid also gives the learning rate selected by the downstream
-validation metric (best mean final ``val_<primary metric>``), reported as a second table.
+validation metric (best mean final ``val_<primary metric>``), reported as a second table. For
+every base optimizer X run together with DoPr-X, the report gives the gain of DoPr paired by
+seed at each criterion's learning rates, and over all checkpoints the Kendall τ between
+``val_loss`` and the downstream metric (how misleading the validation loss is on the task).
+:func:`run_all` runs the study on every registered task and gathers the results in one summary.
 
 Layout under ``spec.out``: the results store ``beyondloss.db`` (shared by all studies) and one
 folder per study, ``<study name>/``, holding ``runs/<run id>/checkpoint.pt``, ``table.md``,
-``table.csv`` and ``curves.png``. A run the store marks complete is skipped on a rerun; an
-interrupted one resumes from its checkpoint.
+``table.csv``, ``dopr_vs_base.csv``, ``curves.png`` and ``val_loss_vs_downstream.png``. A run
+the store marks complete is skipped on a rerun; an interrupted one resumes from its checkpoint.
+
+DoPr settings (:attr:`StudySpec.dopr`) change only the ``dopr-*`` runs, so only their run ids
+(and the study name) carry them; the plain runs keep their ids and are shared by every study of
+the same grid, their checkpoints in the folder of the study without DoPr settings.
 
 Runs execute in ``spec.workers`` spawned processes with one torch thread each, and every run
 builds its task from the same data seed and seeds torch with its own seed, so a run's result
@@ -18,30 +26,45 @@ does not depend on which worker ran it or on how many there are.
 
 from __future__ import annotations
 
+import inspect
 import math
 import multiprocessing
 import os
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
+from beyondloss.optim.linalg import DAMPING_MODES
+from beyondloss.optim.preconditioner import ActivationPreconditioner
 from beyondloss.store import ResultsStore
 from beyondloss.study.report import (
+    CI_LABEL,
+    GainRow,
+    Mismatch,
     Summary,
+    dopr_pairs,
     format_lr,
+    gains_table,
     markdown_table,
+    mismatch,
+    mismatch_table,
+    paired_gains,
     plot_curves,
+    plot_mismatch,
     select_lr,
     summarize,
     write_csv,
+    write_gains_csv,
 )
 from beyondloss.tasks import SIZES, TASKS, Task, TaskFactory
 from beyondloss.train import Evaluator, TrainConfig, loss_evaluator, train
@@ -55,8 +78,30 @@ DEFAULT_OPTIMIZERS = ("adamw", "dopr-adamw", "muon", "dopr-muon")
 DEFAULT_LRS = {"quick": (1e-3, 3e-3, 1e-2), "full": (3e-4, 1e-3, 3e-3, 1e-2)}
 """Learning-rate grid per task size when a spec names none (shared by all optimizers)."""
 
+DEFAULT_SEEDS = {"quick": 3, "full": 5}
+"""Number of seeds per task size when a spec names none."""
+
 STORE_NAME = "beyondloss.db"
 """File name of the results store inside ``spec.out``."""
+
+DOPR_SETTINGS = {
+    "damping": "damp",
+    "damping_mode": "",
+    "cov_every": "cov",
+    "inverse_every": "inv",
+    "ema_decay": "ema",
+}
+"""Activation-preconditioner settings a study may set, and their tag in run ids (``cov10``;
+``damping_mode`` is tagged by its value alone, e.g. ``trace``)."""
+
+DOPR_DEFAULTS: Mapping[str, Any] = {
+    name: inspect.signature(ActivationPreconditioner).parameters[name].default
+    for name in DOPR_SETTINGS
+}
+"""DoPr's own value of each of :data:`DOPR_SETTINGS`."""
+
+DoprSettings = Mapping[str, float | int | str]
+"""``{setting: value}`` over keys of :data:`DOPR_SETTINGS`."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +122,16 @@ class StudySpec:
         :data:`DEFAULT_LRS` of ``size``.
     seeds:
         Number of seeds; runs use seeds ``0 .. seeds - 1`` (model initialisation and data order).
+        ``None`` gives :data:`DEFAULT_SEEDS` of ``size``.
     weight_decay:
         Decoupled weight decay of every optimizer, ``>= 0``.
+    dopr:
+        Activation-preconditioner settings of the ``dopr-*`` optimizers, keys from
+        :data:`DOPR_SETTINGS` (``damping >= 0``, ``damping_mode`` in
+        :data:`~beyondloss.optim.linalg.DAMPING_MODES`, integers ``cov_every, inverse_every
+        >= 1``, ``0 <= ema_decay < 1``); unset keys keep DoPr's defaults. Kept without the
+        entries equal to :data:`DOPR_DEFAULTS`, so a default spelled out names the same runs.
+        Needs a ``dopr-*`` optimizer.
     workers:
         Processes training runs in parallel, one torch thread each.
     out:
@@ -89,8 +142,9 @@ class StudySpec:
     size: str = "quick"
     optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS
     lrs: tuple[float, ...] | None = None
-    seeds: int = 3
+    seeds: int | None = None
     weight_decay: float = 0.0
+    dopr: DoprSettings = field(default_factory=dict, hash=False)
     workers: int = 2
     out: Path = field(default=Path("runs"))
 
@@ -118,15 +172,24 @@ class StudySpec:
             raise ValueError(f"learning rates must be finite and positive, got {list(lrs)}")
         if len({format_lr(lr) for lr in lrs}) != len(lrs):
             raise ValueError(f"learning rates must be distinct, got {list(lrs)}")
-        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
-            raise ValueError(f"seeds must be an integer >= 1, got {self.seeds!r}")
+        seeds = DEFAULT_SEEDS[self.size] if self.seeds is None else self.seeds
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        dopr = _check_dopr(self.dopr)
+        if dopr and not any(_is_dopr(name) for name in optimizers):
+            raise ValueError(
+                f"dopr settings {dict(dopr)} apply to dopr-* optimizers only; none among "
+                f"{list(optimizers)}"
+            )
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
         object.__setattr__(self, "optimizers", optimizers)
         object.__setattr__(self, "lrs", lrs)
+        object.__setattr__(self, "seeds", seeds)
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
+        object.__setattr__(self, "dopr", dopr)
         object.__setattr__(self, "out", Path(self.out))
 
     @property
@@ -135,28 +198,94 @@ class StudySpec:
         return self.lrs if self.lrs is not None else DEFAULT_LRS[self.size]
 
     @property
+    def grid_seeds(self) -> int:
+        """The number of seeds (``seeds`` after defaults)."""
+        return self.seeds if self.seeds is not None else DEFAULT_SEEDS[self.size]
+
+    @property
+    def suffix(self) -> str:
+        """What the study name adds after ``ttf-<task>-<size>``: ``-wd<value>`` if weight decay,
+        then the tags of the DoPr settings (``-cov10-inv10-ema0.9``); empty for neither."""
+        return self._decay_tag + self._dopr_tag
+
+    @property
     def name(self) -> str:
-        """Study name, e.g. ``ttf-lorenz-quick`` (``-wd<value>`` appended if weight decay)."""
-        suffix = f"-wd{self.weight_decay:g}" if self.weight_decay else ""
-        return f"ttf-{self.task}-{self.size}{suffix}"
+        """Study name, e.g. ``ttf-lorenz-quick`` or ``ttf-lorenz-quick-wd0.01-cov10`` (see
+        :attr:`suffix`)."""
+        return f"ttf-{self.task}-{self.size}{self.suffix}"
 
     @property
     def directory(self) -> Path:
         """The study's folder, ``out/<name>``."""
         return self.out / self.name
 
+    def study_of(self, optimizer: str) -> str:
+        """Name of the study owning ``optimizer``'s runs: :attr:`name` for ``dopr-*``, the name
+        without DoPr tags for a plain optimizer (whose runs the DoPr settings do not change)."""
+        if _is_dopr(optimizer):
+            return self.name
+        return f"ttf-{self.task}-{self.size}{self._decay_tag}"
+
     def run_id(self, optimizer: str, lr: float, seed: int) -> str:
-        """Run id, e.g. ``lorenz-quick-dopr-adamw-lr0.003-s0`` (``-wd<value>`` before the seed
-        if weight decay)."""
-        decay = f"-wd{self.weight_decay:g}" if self.weight_decay else ""
-        return f"{self.task}-{self.size}-{optimizer}-lr{format_lr(lr)}{decay}-s{seed}"
+        """Run id, e.g. ``lorenz-quick-dopr-adamw-lr0.003-s0``: ``-wd<value>`` before the seed
+        if weight decay, then for ``dopr-*`` optimizers the DoPr tags (``-cov10``)."""
+        tags = self._decay_tag + (self._dopr_tag if _is_dopr(optimizer) else "")
+        return f"{self.task}-{self.size}-{optimizer}-lr{format_lr(lr)}{tags}-s{seed}"
 
     def grid(self) -> Iterator[tuple[str, float, int]]:
         """Every ``(optimizer, lr, seed)``, optimizer-major, in spec order."""
         for optimizer in self.optimizers:
             for lr in self.grid_lrs:
-                for seed in range(self.seeds):
+                for seed in range(self.grid_seeds):
                     yield optimizer, lr, seed
+
+    @property
+    def _decay_tag(self) -> str:
+        return f"-wd{self.weight_decay:g}" if self.weight_decay else ""
+
+    @property
+    def _dopr_tag(self) -> str:
+        return "".join(
+            f"-{DOPR_SETTINGS[key]}{value:g}" if not isinstance(value, str) else f"-{value}"
+            for key, value in self.dopr.items()
+        )
+
+
+def _is_dopr(optimizer: str) -> bool:
+    return optimizer.startswith("dopr-")
+
+
+def _check_dopr(settings: DoprSettings) -> dict[str, float | int | str]:
+    """Validated ``settings`` in :data:`DOPR_SETTINGS` order, without DoPr's default values."""
+    unknown = sorted(set(settings) - set(DOPR_SETTINGS))
+    if unknown:
+        raise ValueError(
+            f"unknown dopr settings {unknown}; expected some of {', '.join(DOPR_SETTINGS)}"
+        )
+    checked: dict[str, float | int | str] = {}
+    for key in DOPR_SETTINGS:
+        if key not in settings:
+            continue
+        value = settings[key]
+        if key == "damping_mode":
+            if value not in DAMPING_MODES:
+                raise ValueError(
+                    f"dopr damping_mode must be one of {', '.join(DAMPING_MODES)}, got {value!r}"
+                )
+        elif key in ("cov_every", "inverse_every"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"dopr {key} must be an integer >= 1, got {value!r}")
+        else:
+            if isinstance(value, bool | str) or not isinstance(value, int | float):
+                raise ValueError(f"dopr {key} must be a number, got {value!r}")
+            value = float(value)
+            upper = 1.0 if key == "ema_decay" else math.inf
+            if not (0.0 <= value < upper):
+                bound = "< 1" if key == "ema_decay" else "finite"
+                raise ValueError(f"dopr {key} must be >= 0 and {bound}, got {value!r}")
+        if value != DOPR_DEFAULTS[key]:
+            checked[key] = value
+    return checked
 
 
 @dataclass(frozen=True)
@@ -166,7 +295,8 @@ class StudyResult:
     Attributes
     ----------
     directory:
-        The study's folder (``table.md``, ``table.csv``, ``curves.png``, ``runs/``).
+        The study's folder (``table.md``, ``table.csv``, ``dopr_vs_base.csv``, ``curves.png``,
+        ``val_loss_vs_downstream.png``).
     trained, skipped:
         Run ids trained by this call and run ids already complete in the store, in grid order.
     summaries:
@@ -175,6 +305,14 @@ class StudyResult:
         Optimizer → its configuration with the lowest mean final ``val_loss``.
     by_downstream:
         Optimizer → its configuration with the best mean final ``val_<primary metric>``.
+    gains:
+        DoPr-X against X paired by seed, at the lrs selected by ``val_loss`` and by
+        ``val_<primary>``, on ``test_<primary>`` and ``val_loss``.
+    mismatch:
+        Kendall τ of ``val_loss`` against ``val_<primary>`` and ``test_<primary>``.
+    tables:
+        The markdown tables of ``table.md`` by name: ``"val_loss"``, ``"downstream"``,
+        ``"dopr_vs_base"``, ``"kendall"``, ``"all"``.
     markdown:
         The content of ``table.md``.
     wall_seconds:
@@ -187,6 +325,9 @@ class StudyResult:
     summaries: tuple[Summary, ...]
     by_val_loss: Mapping[str, Summary]
     by_downstream: Mapping[str, Summary]
+    gains: tuple[GainRow, ...]
+    mismatch: tuple[Mismatch, ...]
+    tables: Mapping[str, str]
     markdown: str
     wall_seconds: float
 
@@ -202,6 +343,7 @@ class _Job:
     optimizer: str
     lr: float
     weight_decay: float
+    dopr: dict[str, float | int | str]
     seed: int
     run_dir: Path
     db: Path
@@ -235,13 +377,14 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
                     optimizer=optimizer,
                     lr=lr,
                     weight_decay=spec.weight_decay,
+                    dopr=dict(spec.dopr) if _is_dopr(optimizer) else {},
                     seed=seed,
-                    run_dir=spec.directory / "runs" / run_id,
+                    run_dir=spec.out / spec.study_of(optimizer) / "runs" / run_id,
                     db=db,
-                    study=spec.name,
+                    study=spec.study_of(optimizer),
                 )
             )
-        _execute(pending, spec.workers, progress, total=len(pending) + len(skipped))
+        _execute(pending, spec.workers, progress, len(pending) + len(skipped), spec.name)
         curves = {
             (optimizer, lr, seed): store.curves(spec.run_id(optimizer, lr, seed))
             for optimizer, lr, seed in spec.grid()
@@ -253,15 +396,25 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     }
     summaries = summarize(finals)
     primary = f"val_{task.primary_metric}"
+    test_primary = f"test_{task.primary_metric}"
+    higher = task.higher_is_better[task.primary_metric]
     by_val_loss = select_lr(summaries, "val_loss", higher_is_better=False)
-    by_downstream = select_lr(
-        summaries, primary, higher_is_better=task.higher_is_better[task.primary_metric]
-    )
+    by_downstream = select_lr(summaries, primary, higher_is_better=higher)
+    selections = {"val_loss": by_val_loss, primary: by_downstream}
     metrics = _table_metrics(task, finals)
     directions = {"val_loss": False} | {
         f"{split}_{name}": better
         for name, better in task.higher_is_better.items()
         for split in ("val", "test")
+    }
+    gains = paired_gains(finals, selections, [test_primary, "val_loss"], directions)
+    agreement = [mismatch(curves, name, higher) for name in (primary, test_primary)]
+    tables = {
+        "val_loss": markdown_table(list(by_val_loss.values()), metrics, directions),
+        "downstream": markdown_table(list(by_downstream.values()), metrics, directions),
+        "dopr_vs_base": gains_table(gains, [test_primary, "val_loss"], directions),
+        "kendall": mismatch_table(agreement),
+        "all": markdown_table(summaries, metrics, directions),
     }
     wall_seconds = time.perf_counter() - began
     trained = tuple(job.run_id for job in pending)
@@ -272,31 +425,32 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         wall_seconds,
         trained,
         skipped,
-        summaries,
-        by_val_loss,
-        by_downstream,
-        metrics,
-        directions,
+        tables,
     )
     with _replacing(spec.directory / "table.md") as path:
         path.write_text(markdown + "\n")
     with _replacing(spec.directory / "table.csv") as path:
-        write_csv(
-            path,
-            summaries,
-            metrics,
-            {"val_loss": by_val_loss, primary: by_downstream},
-        )
+        write_csv(path, summaries, metrics, selections)
+    with _replacing(spec.directory / "dopr_vs_base.csv") as path:
+        write_gains_csv(path, gains, directions)
     with _replacing(spec.directory / "curves.png") as path:
         plot_curves(
             path,
             lambda summary: [
-                curves[(summary.optimizer, summary.lr, seed)] for seed in range(spec.seeds)
+                curves[(summary.optimizer, summary.lr, seed)] for seed in range(spec.grid_seeds)
             ],
             by_val_loss,
-            [("val_loss", True), (f"test_{task.primary_metric}", False)],
+            [("val_loss", True), (test_primary, False)],
             f"{spec.name}: each optimizer at its val-loss-selected lr "
-            f"(mean ± std over {spec.seeds} seeds)",
+            f"(mean ± std over {spec.grid_seeds} seeds)",
+        )
+    with _replacing(spec.directory / "val_loss_vs_downstream.png") as path:
+        plot_mismatch(
+            path,
+            curves,
+            primary,
+            f"{spec.name}: {agreement[0].checkpoints.n} checkpoints, Kendall τ = "
+            f"{agreement[0].checkpoints.tau:+.2f}\n(+1: lower val_loss ⇔ better {primary})",
         )
     return StudyResult(
         directory=spec.directory,
@@ -305,14 +459,77 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         summaries=tuple(summaries),
         by_val_loss=by_val_loss,
         by_downstream=by_downstream,
+        gains=tuple(gains),
+        mismatch=tuple(agreement),
+        tables=tables,
         markdown=markdown,
         wall_seconds=wall_seconds,
     )
 
 
-def _execute(jobs: list[_Job], workers: int, progress: bool, total: int) -> None:
-    """Train ``jobs`` in a spawned process pool, with a bar over all ``total`` runs."""
-    bar = tqdm(total=total, initial=total - len(jobs), unit="run", disable=not progress)
+@dataclass(frozen=True)
+class SuiteResult:
+    """Outcome of :func:`run_all`.
+
+    Attributes
+    ----------
+    directory:
+        ``out/ttf-all-<size><suffix>``, holding ``summary.md``.
+    results:
+        Task → its :class:`StudyResult`, for the tasks whose study finished, in registry order.
+    failures:
+        Task → the traceback of the error that stopped its study.
+    markdown:
+        The content of ``summary.md``.
+    wall_seconds:
+        Wall time of the whole call.
+    """
+
+    directory: Path
+    results: Mapping[str, StudyResult]
+    failures: Mapping[str, str]
+    markdown: str
+    wall_seconds: float
+
+
+def run_all(
+    size: str = "quick", progress: bool = True, command: str | None = None, **study: Any
+) -> SuiteResult:
+    """Run the study of every task in :data:`~beyondloss.tasks.TASKS`, in registry order.
+
+    ``study`` holds the other :class:`StudySpec` fields (``optimizers``, ``lrs``, ``seeds``,
+    ``weight_decay``, ``dopr``, ``workers``, ``out``), shared by all tasks. Every spec is
+    validated before any run starts. A task whose study raises is recorded in ``failures``
+    and the next task runs; ``summary.md`` gathers per task the val-loss-selected table, the
+    DoPr-vs-base table and the Kendall τ table, with ``command`` (``None`` records this call)
+    and the total wall time.
+    """
+    began = time.perf_counter()
+    specs = [StudySpec(task=name, size=size, **study) for name in TASKS]
+    if not specs:
+        raise ValueError("no task is registered")
+    directory = specs[0].out / f"ttf-all-{size}{specs[0].suffix}"
+    results: dict[str, StudyResult] = {}
+    failures: dict[str, str] = {}
+    for spec in specs:
+        try:
+            results[spec.task] = run_study(spec, progress=progress, command=command)
+        except Exception as error:
+            failures[spec.task] = "".join(traceback.format_exception(error))
+    wall_seconds = time.perf_counter() - began
+    call = f"beyondloss.study.ttf.run_all(size={size!r}, **{study!r})"
+    markdown = _summary_markdown(
+        specs, results, failures, command if command is not None else call, wall_seconds
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    with _replacing(directory / "summary.md") as path:
+        path.write_text(markdown + "\n")
+    return SuiteResult(directory, results, failures, markdown, wall_seconds)
+
+
+def _execute(jobs: list[_Job], workers: int, progress: bool, total: int, name: str) -> None:
+    """Train ``jobs`` in a spawned process pool, with a bar ``name`` over all ``total`` runs."""
+    bar = tqdm(total=total, initial=total - len(jobs), desc=name, unit="run", disable=not progress)
     try:
         if not jobs:
             return
@@ -347,7 +564,9 @@ def _run_one(job: _Job) -> None:
     config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, seed=job.seed)
     torch.manual_seed(job.seed)
     model = task.make_model()
-    optimizer = make_optimizer(job.optimizer, model, lr=job.lr, weight_decay=job.weight_decay)
+    optimizer = make_optimizer(
+        job.optimizer, model, lr=job.lr, weight_decay=job.weight_decay, **job.dopr
+    )
     evaluators = [
         loss_evaluator(task.loss, splits.val, "val_loss"),
         _downstream(task, "val"),
@@ -368,7 +587,8 @@ def _run_one(job: _Job) -> None:
                 "task_class": task.name,
                 "epochs": task.epochs,
                 "batch_size": task.batch_size,
-            },
+            }
+            | ({"dopr": job.dopr} if job.dopr else {}),
         )
         try:
             train(
@@ -412,6 +632,30 @@ def _table_metrics(
     return ["val_loss", f"val_{task.primary_metric}", *tests]
 
 
+def _dopr_text(spec: StudySpec) -> str:
+    """The DoPr settings in words, e.g. ``cov_every=10, ema_decay=0.9 (others default)``."""
+    if not spec.dopr:
+        return "DoPr's defaults"
+    return ", ".join(f"{key}={value}" for key, value in spec.dopr.items()) + " (others default)"
+
+
+_GAINS_TEXT = (
+    "Gain: mean over seed pairs of the final-epoch difference, oriented so that positive means "
+    "DoPr is better (DoPr − base for ↑ metrics, base − DoPr for ↓), ± {ci} half-width "
+    "(Student t, n − 1 dof). Seed s of DoPr-X is paired with seed s of X (same initialisation "
+    "and data order), each at the lr the criterion selected for it. p: two-sided exact "
+    "sign-flip test of a zero mean difference; its smallest value is 2/2ⁿ for n pairs."
+)
+
+_KENDALL_TEXT = (
+    "Kendall τ_b between `val_loss` and the downstream metric, signed so that +1 means lower "
+    "val loss ⇔ better downstream (val loss perfectly predictive), 0 unrelated, −1 exactly "
+    "misleading. All checkpoints: every (run, epoch) of every configuration; within "
+    "configurations: τ over one configuration's (seed, epoch) checkpoints, averaged; final "
+    "epochs: one point per run, as learning-rate selection sees them (p: scipy's test of τ = 0)."
+)
+
+
 def _markdown(
     spec: StudySpec,
     task: Task,
@@ -419,15 +663,12 @@ def _markdown(
     wall_seconds: float,
     trained: tuple[str, ...],
     skipped: list[str],
-    summaries: list[Summary],
-    by_val_loss: Mapping[str, Summary],
-    by_downstream: Mapping[str, Summary],
-    metrics: list[str],
-    directions: Mapping[str, bool],
+    tables: Mapping[str, str],
 ) -> str:
     primary = f"val_{task.primary_metric}"
     best = "highest" if task.higher_is_better[task.primary_metric] else "lowest"
     lrs = ", ".join(format_lr(lr) for lr in spec.grid_lrs)
+    pairs = dopr_pairs(spec.optimizers)
     lines = [
         f"# Test-time feedback study `{spec.name}`",
         "",
@@ -436,29 +677,95 @@ def _markdown(
         f"{len(skipped)}; workers: {spec.workers}",
         "",
         f"Task `{spec.task}` ({spec.size}, `{task.name}`): {task.epochs} epochs, batch size "
-        f"{task.batch_size}, data seed {DATA_SEED}. Seeds 0–{spec.seeds - 1}; learning rates "
-        f"{lrs}; weight decay {spec.weight_decay:g}.",
-        f"Values at the final epoch ({task.epochs}): mean ± std over seeds (n seeds); "
+        f"{task.batch_size}, data seed {DATA_SEED}. Seeds 0–{spec.grid_seeds - 1}; learning "
+        f"rates {lrs}; weight decay {spec.weight_decay:g}; DoPr settings: {_dopr_text(spec)}.",
+        f"Values at the final epoch ({task.epochs}): mean ± {CI_LABEL} half-width over the n "
+        "seeds (Student t, n − 1 dof; none shown for n = 1; `table.csv` also has the std); "
         "↑ higher is better, ↓ lower is better.",
         "",
         "## Selected by one-step validation loss",
         "",
         "Each optimizer at the learning rate with the lowest mean final `val_loss`.",
         "",
-        markdown_table(list(by_val_loss.values()), metrics, directions),
+        tables["val_loss"],
         "",
         f"## Selected by downstream validation metric `{primary}`",
         "",
         f"Each optimizer at the learning rate with the {best} mean final `{primary}`.",
         "",
-        markdown_table(list(by_downstream.values()), metrics, directions),
+        tables["downstream"],
+        "",
+        "## DoPr vs base",
+        "",
+    ]
+    if pairs:
+        lines += [_GAINS_TEXT.format(ci=CI_LABEL), "", tables["dopr_vs_base"], ""]
+    else:
+        lines += ["No optimizer X ran together with dopr-X.", ""]
+    lines += [
+        "## Val loss vs downstream metric",
+        "",
+        _KENDALL_TEXT,
+        "",
+        tables["kendall"],
+        "",
+        "![every checkpoint: val loss against the downstream metric](val_loss_vs_downstream.png)",
         "",
         "## All configurations",
         "",
-        markdown_table(summaries, metrics, directions),
+        tables["all"],
         "",
         "![val loss and test metric per epoch at the val-loss-selected lr](curves.png)",
     ]
+    return "\n".join(lines)
+
+
+def _summary_markdown(
+    specs: list[StudySpec],
+    results: Mapping[str, StudyResult],
+    failures: Mapping[str, str],
+    command: str,
+    wall_seconds: float,
+) -> str:
+    first = specs[0]
+    failed = ", ".join(failures) or "none"
+    lines = [
+        f"# Test-time feedback studies on every task (`ttf-all-{first.size}{first.suffix}`)",
+        "",
+        f"Command: `{command}`  ",
+        f"Total wall time: {wall_seconds:.1f} s; tasks: {', '.join(s.task for s in specs)}; "
+        f"failed: {failed}",
+        "",
+        f"Optimizers {', '.join(first.optimizers)}; seeds 0–{first.grid_seeds - 1}; weight decay "
+        f"{first.weight_decay:g}; DoPr settings: {_dopr_text(first)}. Per task: each optimizer "
+        f"at its val-loss-selected learning rate (final epoch, mean ± {CI_LABEL} half-width over "
+        "seeds), the paired gain of DoPr over its base, and the Kendall τ between val loss and "
+        "the downstream metric. Each task's report has the downstream-selected table, every "
+        "configuration and the plots.",
+        "",
+        _GAINS_TEXT.format(ci=CI_LABEL),
+        "",
+        _KENDALL_TEXT,
+    ]
+    for spec in specs:
+        lines += ["", f"## {spec.task}", ""]
+        if spec.task in failures:
+            last = failures[spec.task].strip().splitlines()[-1]
+            lines += [f"Failed: `{last}`"]
+            continue
+        result = results[spec.task]
+        lines += [
+            f"[Full report](../{spec.name}/table.md); wall time {result.wall_seconds:.1f} s; "
+            f"runs trained: {len(result.trained)}, already complete: {len(result.skipped)}.",
+            "",
+            "Selected by one-step validation loss:",
+            "",
+            result.tables["val_loss"],
+            "",
+        ]
+        if result.gains:
+            lines += ["DoPr vs base:", "", result.tables["dopr_vs_base"], ""]
+        lines += ["Val loss vs downstream metric:", "", result.tables["kendall"]]
     return "\n".join(lines)
 
 
