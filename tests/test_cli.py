@@ -202,3 +202,10 @@ def test_version_through_python_dash_m() -> None:
         timeout=60,
     )
     assert completed.stdout.strip() == f"beyondloss {__version__}"
+
+
+def test_posthoc_command_is_wired_and_validates_its_dataset(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["posthoc", "cifar10"])
+    assert exit_info.value.code == 2
+    assert "digits" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from pathlib import Path
 from beyondloss import __version__
 from beyondloss.optim.factory import OPTIMIZER_NAMES
 from beyondloss.optim.linalg import DAMPING_MODES
+from beyondloss.study.posthoc_cli import add_posthoc_command
 from beyondloss.study.ttf import (
     DEFAULT_LRS,
     DEFAULT_SEEDS,
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=_DEFAULTS["out"], help="output folder (default: %(default)s)"
     )
     ttf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_posthoc_command(commands)
     return parser
 
 
@@ -209,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(arguments)
+    if args.command == "posthoc":
+        return args.func(args)
     study = {
         "optimizers": args.optimizers,
         "lrs": args.lrs,

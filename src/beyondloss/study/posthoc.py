@@ -26,9 +26,10 @@ written atomically once the run is complete), ``table.md``, ``table.csv``, ``rev
 ``curves.png``. A run whose log exists is skipped on a rerun; a run interrupted before writing
 its log is trained again from scratch (runs take seconds, so no per-epoch checkpoints).
 
-Runs execute in ``workers`` spawned processes with one torch thread each. Every run builds the
-same data (data seed of the dataset) and seeds torch with its own seed, so its result does not
-depend on the worker that ran it.
+Runs execute in ``workers`` spawned processes with one torch thread each, and so do the curves
+of the transforms (temperature fits and metrics per run and epoch, the bulk of selection) when
+``workers > 1``. Every run builds the same data (data seed of the dataset) and seeds torch with
+its own seed, so its result does not depend on the worker that ran it.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -53,10 +55,11 @@ from tqdm import tqdm
 from beyondloss.optim.factory import make_optimizer
 from beyondloss.posthoc.ensemble import Composition
 from beyondloss.posthoc.tracker import PosthocLog, PosthocTracker
-from beyondloss.selection.curves import CurveBook, Curves
+from beyondloss.selection.curves import CurveBook, Curves, transform_curves
 from beyondloss.selection.posthoc import compare_selection, config_reversal
 from beyondloss.selection.reversal import reversal_table
 from beyondloss.store import ResultsStore
+from beyondloss.study.report import replacing
 from beyondloss.study.ttf import STORE_NAME
 from beyondloss.tasks.noisy_labels import (
     DATASETS,
@@ -155,7 +158,7 @@ def run_id(
     return f"{dataset.name}-{kind}{noise:g}-{dataset.optimizer}-lr{lr:g}-wd{wd:g}-s{seed}"
 
 
-def _positive_values(name: str, values: Sequence[float], allow_zero: bool) -> tuple[float, ...]:
+def _grid_values(name: str, values: Sequence[float], allow_zero: bool) -> tuple[float, ...]:
     out = tuple(float(v) for v in values)
     if not out:
         raise ValueError(f"{name} must hold at least one value")
@@ -167,6 +170,20 @@ def _positive_values(name: str, values: Sequence[float], allow_zero: bool) -> tu
     return out
 
 
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """One torch thread in this process while the study runs: its tensor work (temperature
+    fits and metrics on a few thousand logits) is too small to gain from intra-op threads,
+    which would only compete with the worker processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_single_thread()
 def run_posthoc_study(
     dataset: str | NoisyLabelDataset,
     noise: float = 0.4,
@@ -199,14 +216,16 @@ def run_posthoc_study(
     out:
         Folder of the results store and the study folder.
     workers:
-        Processes training runs in parallel, one torch thread each.
+        Spawned processes (one torch thread each) training the runs in parallel; with more
+        than one they also compute the transforms' curves, with one this process does.
     progress:
         A tqdm bar over runs (and one over curve computations) on stderr.
     command:
         The command line recorded in ``table.md``; ``None`` records this call.
 
     Raises ``ValueError`` for invalid arguments or a stored log of another length, and
-    ``RuntimeError`` naming the run if a run fails (finished runs keep their logs).
+    ``RuntimeError`` naming the run if a run fails (finished runs keep their logs). The call
+    runs with one torch thread in this process (restored on return).
     """
     began = time.perf_counter()
     spec = DATASETS[dataset] if isinstance(dataset, str) and dataset in DATASETS else dataset
@@ -220,8 +239,8 @@ def run_posthoc_study(
         raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    grid_lrs = _positive_values("lrs", lrs if lrs is not None else [spec.lr], allow_zero=False)
-    grid_wds = _positive_values(
+    grid_lrs = _grid_values("lrs", lrs if lrs is not None else [spec.lr], allow_zero=False)
+    grid_wds = _grid_values(
         "weight_decays",
         weight_decays if weight_decays is not None else [spec.weight_decay],
         allow_zero=True,
@@ -239,36 +258,46 @@ def run_posthoc_study(
             f"out={str(out)!r}, workers={workers})"
         )
 
-    jobs = [
-        _Job(
-            dataset=spec,
-            noise=noise,
-            kind=noise_kind,
-            lr=lr,
-            weight_decay=wd,
-            seed=seed,
-            run_id=run_id(spec, noise, noise_kind, lr, wd, seed),
-            log_path=directory / "runs" / run_id(spec, noise, noise_kind, lr, wd, seed) / LOG_NAME,
-            db=out / STORE_NAME,
-            study=directory.name,
-        )
-        for lr, wd in configs
-        for seed in range(seeds)
-    ]
+    jobs = []
+    for lr, wd in configs:
+        for seed in range(seeds):
+            name = run_id(spec, noise, noise_kind, lr, wd, seed)
+            jobs.append(
+                _Job(
+                    dataset=spec,
+                    noise=noise,
+                    kind=noise_kind,
+                    lr=lr,
+                    weight_decay=wd,
+                    seed=seed,
+                    run_id=name,
+                    log_path=directory / "runs" / name / LOG_NAME,
+                    db=out / STORE_NAME,
+                    study=directory.name,
+                )
+            )
     pending = [job for job in jobs if not job.log_path.exists()]
     skipped = tuple(job.run_id for job in jobs if job.log_path.exists())
-    _execute(pending, workers, progress, total=len(jobs))
-
-    grid: dict[str, list[PosthocLog]] = {}
-    for job in jobs:
-        grid.setdefault(config_name(job.lr, job.weight_decay), []).append(_load(job))
-    default_name = config_name(*default)
     transforms = [c for c in TRANSFORMS if seeds > 1 or not c.ensemble]
-    book = CurveBook(grid)
-    pairs = [(g, c) for g in grid for c in transforms]
-    for g, c in tqdm(pairs, unit="curve", desc="curves", disable=not progress):
-        book.curves(g, c)
-    default_book = _SubBook(book, [default_name])
+    paths: dict[str, list[Path]] = {}
+    for job in jobs:
+        paths.setdefault(config_name(job.lr, job.weight_decay), []).append(job.log_path)
+    with _pool(workers) as pool:
+        training = [(_run_one, job) for job in pending]
+        names = [job.run_id for job in pending]
+        _run_all(pool, training, names, "training", progress, total=len(jobs))
+        grid = {g: [_load(path, spec.epochs) for path in ps] for g, ps in paths.items()}
+        tasks = [(g, c) for g in grid for c in transforms]
+        names = [f"{c.name} of {g}" for g, c in tasks]
+        if workers > 1:
+            calls = [(_curves_one, tuple(paths[g]), c) for g, c in tasks]
+            computed = _run_all(pool, calls, names, "curves", progress)
+        else:
+            calls = [(transform_curves, grid[g], c) for g, c in tasks]
+            computed = _run_all(None, calls, names, "curves", progress)
+    book = _Book(grid, dict(zip(tasks, computed, strict=True)))
+    default_name = config_name(*default)
+    default_book = _Book({default_name: grid[default_name]}, book.computed)
 
     rows = [
         {"scope": "default"} | row
@@ -283,12 +312,12 @@ def run_posthoc_study(
         ]
     curves = {c.name: default_book.curves(default_name, c) for c in transforms}
     data = spec.build(noise, noise_kind)
-    with _replacing(directory / "curves.png") as path:
+    with replacing(directory / "curves.png") as path:
         _plot(path, curves, f"{directory.name}, {default_name}, {seeds} seeds")
     reversal = _reversal_markdown(directory.name, curves, book, transforms)
-    with _replacing(directory / "reversal.md") as path:
+    with replacing(directory / "reversal.md") as path:
         path.write_text(reversal + "\n")
-    with _replacing(directory / "table.csv") as path:
+    with replacing(directory / "table.csv") as path:
         _write_csv(path, rows)
     trained = tuple(job.run_id for job in pending)
     wall_seconds = time.perf_counter() - began
@@ -303,7 +332,7 @@ def run_posthoc_study(
         setup,
     ]
     markdown = _table_markdown(header, default_name, len(configs), rows)
-    with _replacing(directory / "table.md") as path:
+    with replacing(directory / "table.md") as path:
         path.write_text(markdown + "\n")
     return PosthocStudyResult(
         directory=directory,
@@ -316,59 +345,99 @@ def run_posthoc_study(
     )
 
 
-class _SubBook(CurveBook):
-    """Some configs of a :class:`CurveBook`, sharing its computed curves."""
+class _Book(CurveBook):
+    """A :class:`CurveBook` whose curves were computed elsewhere (in the worker pool)."""
 
-    def __init__(self, book: CurveBook, configs: Sequence[str]) -> None:
-        super().__init__({g: book.grid[g] for g in configs})
-        self._source = book
+    def __init__(
+        self,
+        grid: Mapping[str, Sequence[PosthocLog]],
+        computed: Mapping[tuple[str, Composition], Curves],
+    ) -> None:
+        super().__init__(grid)
+        self.computed = computed
 
     def curves(self, config: str, composition: Composition) -> Curves:
-        return self._source.curves(config, composition)
+        return self.computed[(config, composition)]
 
 
-def _load(job: _Job) -> PosthocLog:
-    """The run's log; ``ValueError`` if it does not span epochs ``1..epochs`` of its dataset."""
-    log = PosthocLog.load(job.log_path)
-    if log.epochs != list(range(1, job.dataset.epochs + 1)):
+def _load(path: Path, epochs: int) -> PosthocLog:
+    """A run's log; ``ValueError`` unless it spans epochs ``1..epochs``."""
+    log = PosthocLog.load(path)
+    if log.epochs != list(range(1, epochs + 1)):
         raise ValueError(
-            f"{job.log_path} holds epochs {log.epochs[0]}..{log.epochs[-1]}, the dataset "
-            f"{job.dataset.name!r} trains {job.dataset.epochs}: use another out folder or "
-            "another dataset name"
+            f"{path} holds {len(log.epochs)} epochs, the dataset trains {epochs}: use "
+            "another out folder or another dataset name"
         )
     return log
 
 
-def _execute(jobs: list[_Job], workers: int, progress: bool, total: int) -> None:
-    """Train ``jobs`` in a spawned process pool, with a bar over all ``total`` runs."""
-    bar = tqdm(
-        total=total, initial=total - len(jobs), unit="run", desc="training", disable=not progress
-    )
+@contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """``workers`` spawned processes with one torch thread each; on an error in the block,
+    pending work is cancelled instead of waited for."""
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
     try:
-        if not jobs:
-            return
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(jobs)), mp_context=context, initializer=_init_worker
-        ) as pool:
-            futures = {pool.submit(_run_one, job): job.run_id for job in jobs}
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _run_all(
+    pool: ProcessPoolExecutor | None,
+    calls: Sequence[tuple[Any, ...]],
+    names: Sequence[str],
+    desc: str,
+    progress: bool,
+    total: int | None = None,
+) -> list[Any]:
+    """Results of ``fn(*args)`` for each ``(fn, *args)`` in ``calls``, in order, computed in
+    ``pool`` (one by one in this process when ``None``) under a tqdm bar over ``total`` items
+    of which ``len(calls)`` are still to do. A failure is raised as ``RuntimeError`` naming the
+    call by ``names``."""
+    total = len(calls) if total is None else total
+    results: list[Any] = [None] * len(calls)
+    if pool is None:
+        done: Iterator[tuple[int, Future]] = ((i, _call(call)) for i, call in enumerate(calls))
+    else:
+        futures = {pool.submit(*call): i for i, call in enumerate(calls)}
+        done = ((futures[future], future) for future in as_completed(futures))
+    with tqdm(total=total, initial=total - len(calls), desc=desc, disable=not progress) as bar:
+        for i, future in done:
             try:
-                for future in as_completed(futures):
-                    try:
-                        future.result()
-                    except Exception as error:
-                        raise RuntimeError(f"run {futures[future]} failed: {error}") from error
-                    bar.update()
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    finally:
-        bar.close()
+                results[i] = future.result()
+            except Exception as error:
+                raise RuntimeError(f"{desc} {names[i]} failed: {error}") from error
+            bar.update()
+    return results
+
+
+def _call(call: tuple[Any, ...]) -> Future:
+    """``fn(*args)`` run now, as a finished future."""
+    future: Future = Future()
+    try:
+        future.set_result(call[0](*call[1:]))
+    except Exception as error:
+        future.set_exception(error)
+    return future
 
 
 def _init_worker() -> None:
     """One torch thread per worker: runs stay reproducible and workers don't contend."""
     torch.set_num_threads(1)
+
+
+@lru_cache(maxsize=1)
+def _logs(paths: tuple[Path, ...]) -> list[PosthocLog]:
+    """The logs of one config, kept while a worker computes that config's transforms."""
+    return [PosthocLog.load(path) for path in paths]
+
+
+def _curves_one(paths: tuple[Path, ...], composition: Composition) -> Curves:
+    """Curves of ``composition`` over the runs whose logs are at ``paths`` (in a worker)."""
+    return transform_curves(_logs(paths), composition)
 
 
 def _run_one(job: _Job) -> None:
@@ -602,7 +671,7 @@ def _reversal_markdown(
         lines.append(
             f"| {row['transform']} | {row['mismatch_nll_best']} | {row['mismatch_error_best']} "
             f"| {row['mismatch_nll_rise']:.4f} | {100 * row['mismatch_error_drop']:.2f} "
-            f"| {row['mismatched_steps']} / {row['mismatch_steps_after_nll_min']} "
+            f"| {row['mismatch_mismatched_steps']} / {row['mismatch_steps_after_nll_min']} "
             f"| {'yes' if row['mismatch_mismatch'] else 'no'} |"
         )
 
@@ -687,14 +756,3 @@ def _plot(path: Path, curves: Mapping[str, Curves], title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` and move it over ``path`` once written."""
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -29,12 +29,10 @@ from __future__ import annotations
 import inspect
 import math
 import multiprocessing
-import os
 import time
 import traceback
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +59,7 @@ from beyondloss.study.report import (
     paired_gains,
     plot_curves,
     plot_mismatch,
+    replacing,
     select_lr,
     summarize,
     write_csv,
@@ -427,13 +426,13 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         skipped,
         tables,
     )
-    with _replacing(spec.directory / "table.md") as path:
+    with replacing(spec.directory / "table.md") as path:
         path.write_text(markdown + "\n")
-    with _replacing(spec.directory / "table.csv") as path:
+    with replacing(spec.directory / "table.csv") as path:
         write_csv(path, summaries, metrics, selections)
-    with _replacing(spec.directory / "dopr_vs_base.csv") as path:
+    with replacing(spec.directory / "dopr_vs_base.csv") as path:
         write_gains_csv(path, gains, directions)
-    with _replacing(spec.directory / "curves.png") as path:
+    with replacing(spec.directory / "curves.png") as path:
         plot_curves(
             path,
             lambda summary: [
@@ -444,7 +443,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
             f"{spec.name}: each optimizer at its val-loss-selected lr "
             f"(mean ± std over {spec.grid_seeds} seeds)",
         )
-    with _replacing(spec.directory / "val_loss_vs_downstream.png") as path:
+    with replacing(spec.directory / "val_loss_vs_downstream.png") as path:
         plot_mismatch(
             path,
             curves,
@@ -522,7 +521,7 @@ def run_all(
         specs, results, failures, command if command is not None else call, wall_seconds
     )
     directory.mkdir(parents=True, exist_ok=True)
-    with _replacing(directory / "summary.md") as path:
+    with replacing(directory / "summary.md") as path:
         path.write_text(markdown + "\n")
     return SuiteResult(directory, results, failures, markdown, wall_seconds)
 
@@ -767,14 +766,3 @@ def _summary_markdown(
             lines += ["DoPr vs base:", "", result.tables["dopr_vs_base"], ""]
         lines += ["Val loss vs downstream metric:", "", result.tables["kendall"]]
     return "\n".join(lines)
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` and move it over ``path`` once written."""
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
