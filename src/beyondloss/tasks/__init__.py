@@ -8,9 +8,11 @@ numbers) and ``data_seed`` seeds the task's data. Adding a task adds one entry h
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from beyondloss.tasks.base import Splits, Task
 from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
+from beyondloss.tasks.sequences import make_sequence_task
 
 SIZES = ("quick", "full")
 """Task sizes every factory accepts."""
@@ -31,7 +33,10 @@ def lorenz(size: str, data_seed: int) -> Lorenz63Task:
     return Lorenz63Task(make_config(data_seed))
 
 
-TASKS: dict[str, TaskFactory] = {"lorenz": lorenz}
+TASKS: dict[str, TaskFactory] = {
+    "lorenz": lorenz,
+    "sort": partial(make_sequence_task, problem="sort"),
+}
 """Task name → factory ``(size, data_seed) -> Task``."""
 
 
