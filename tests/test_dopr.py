@@ -335,3 +335,63 @@ def test_state_dict_resume_continues_exactly(name: str) -> None:
     run(resumed, opt2, batches[5:])
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def _train_copies(opt_a, model_a, opt_b, model_b, steps: int = 5) -> None:
+    torch.manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(16, 4)
+        for opt, model in ((opt_a, model_a), (opt_b, model_b)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+
+def test_without_ap_dopr_is_exactly_its_base_optimizer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    pairs = {
+        "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1),
+        "adam": lambda m: torch.optim.Adam(m.parameters(), lr=0.01, weight_decay=0.1),
+    }
+    for base, reference in pairs.items():
+        a, b = copy.deepcopy(model), copy.deepcopy(model)
+        ours = DoPr(a, base=base, lr=0.01, weight_decay=0.1, activation_preconditioning=False)
+        _train_copies(ours, a, reference(b), b)
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q), base
+
+
+def test_sgd_weight_decay_is_decoupled() -> None:
+    """θ ← (1 − ηλ)θ − η·v with v the momentum buffer of the raw gradient."""
+    layer = nn.Linear(3, 1, bias=False)
+    theta = layer.weight.detach().clone()
+    opt = DoPr(layer, base="sgd", lr=0.1, weight_decay=0.5, activation_preconditioning=False)
+    x = torch.randn(4, 3)
+    layer(x).sum().backward()
+    grad = layer.weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(layer.weight.detach(), (1 - 0.1 * 0.5) * theta - 0.1 * grad)
+
+
+def test_muon_base_is_torch_muon_plus_adamw() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ours = DoPr(a, base="muon", lr=0.01, weight_decay=0.1, activation_preconditioning=False)
+    muon_params, adamw_params = muon_parameter_split(b)
+    muon = torch.optim.Muon(muon_params, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(adamw_params, lr=0.01, weight_decay=0.1)
+
+    class Both:
+        def zero_grad(self) -> None:
+            muon.zero_grad()
+            adamw.zero_grad()
+
+        def step(self) -> None:
+            muon.step()
+            adamw.step()
+
+    _train_copies(ours, a, Both(), b)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)

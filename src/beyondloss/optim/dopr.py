@@ -154,7 +154,7 @@ class DoPr(Optimizer):
             kwargs = {"momentum": 0.9, **kwargs}
             sgd = torch.optim.SGD(params, lr=lr, weight_decay=0.0, **kwargs)
             for group in sgd.param_groups:
-                group["decoupled_weight_decay"] = weight_decay
+                group["dopr_decoupled_weight_decay"] = weight_decay
             return [sgd]
         muon_params, adamw_params = muon_parameter_split(model, adamw_modules)
         optimizers: list[Optimizer] = []
@@ -190,7 +190,7 @@ class DoPr(Optimizer):
         if self.preconditioner is not None:
             self.preconditioner.precondition()
         for group in self.param_groups:
-            decay = group.get("decoupled_weight_decay", 0.0)
+            decay = group.get("dopr_decoupled_weight_decay", 0.0)
             if decay:
                 for p in group["params"]:
                     if p.grad is not None:
