@@ -12,6 +12,8 @@ from functools import partial
 
 from beyondloss.tasks.base import Splits, Task
 from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
+from beyondloss.tasks.flow import DATASETS as FLOW_DATASETS
+from beyondloss.tasks.flow import make_flow_task
 from beyondloss.tasks.sequences import make_sequence_task
 
 SIZES = ("quick", "full")
@@ -36,6 +38,7 @@ def lorenz(size: str, data_seed: int) -> Lorenz63Task:
 TASKS: dict[str, TaskFactory] = {
     "lorenz": lorenz,
     "sort": partial(make_sequence_task, problem="sort"),
+    **{f"flow-{name}": partial(make_flow_task, dataset=name) for name in FLOW_DATASETS},
 }
 """Task name → factory ``(size, data_seed) -> Task``."""
 
