@@ -39,14 +39,14 @@ from beyondloss.optim.layers import LayerHelper, UnsupportedLayer, helper_for
 from beyondloss.optim.linalg import DAMPING_MODES, Inverse, damped_inverse
 
 DEFAULT_DAMPING = 1e-3
-DEFAULT_COV_EVERY = 1
-DEFAULT_INVERSE_EVERY = 1
-DEFAULT_EMA_DECAY = 0.0
-"""Defaults: the per-batch formula, Σ and P from the very batch whose gradient they
-precondition. Amortizing (``cov_every``/``inverse_every`` > 1, or an EMA of Σ) is cheaper but
-preconditions one batch's gradient with other batches' Σ; with a small ridge that amplifies
-directions the stale Σ saw as weak, and on Lorenz-63 it turned DoPr's gain into a 30× worse
-validation loss (docs/lorenz.md). The time cost of each choice is in docs/benchmark.md."""
+DEFAULT_COV_EVERY = 10
+DEFAULT_INVERSE_EVERY = 10
+DEFAULT_EMA_DECAY = 0.9
+"""Default amortization: statistics recorded on every 10th step, P refreshed with them, Σ an
+EMA (0.9) over collections, i.e. over about 100 steps. A step then costs close to the FLOP floor
+of its base optimizer (docs/benchmark.md); on Lorenz-63 its rollouts were as good as the
+per-batch formula's (``cov_every=inverse_every=1, ema_decay=0``) for AdamW and better for Muon
+(docs/lorenz.md)."""
 
 
 @dataclass
@@ -90,8 +90,8 @@ class ActivationPreconditioner:
         β ∈ [0, 1); 0 uses each collection step's Σ alone.
     cov_every, inverse_every:
         Record statistics every ``cov_every`` steps; refresh P at most every ``inverse_every``.
-        The defaults (1, 1, ``ema_decay=0``) are the exact per-batch formula; see
-        ``DEFAULT_COV_EVERY`` before amortizing.
+        The defaults amortize (see ``DEFAULT_COV_EVERY``); 1, 1 and ``ema_decay=0`` give the
+        per-batch formula, Σ and P from the very batch being stepped on.
     exclude:
         ``fnmatch`` patterns of module names left to the gradient preconditioner untouched.
     """
