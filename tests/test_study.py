@@ -310,20 +310,18 @@ def test_a_diverged_run_is_recorded_and_ranked_last_not_fatal(tmp_path: Path) ->
 
 def test_dopr_settings_tag_dopr_run_ids_and_drop_defaults() -> None:
     spec = StudySpec(
-        "lorenz", dopr={"ema_decay": 0.9, "cov_every": 10, "inverse_every": 10, "damping": 1e-3}
+        "lorenz", dopr={"ema_decay": 0.0, "cov_every": 1, "inverse_every": 1, "damping": 1e-3}
     )
-    assert spec.dopr == {"cov_every": 10, "inverse_every": 10, "ema_decay": 0.9}
-    assert spec.name == "ttf-lorenz-quick-cov10-inv10-ema0.9"
-    assert (
-        spec.run_id("dopr-muon", 1e-3, 0) == "lorenz-quick-dopr-muon-lr0.001-cov10-inv10-ema0.9-s0"
-    )
+    assert spec.dopr == {"cov_every": 1, "inverse_every": 1, "ema_decay": 0.0}
+    assert spec.name == "ttf-lorenz-quick-cov1-inv1-ema0"
+    assert spec.run_id("dopr-muon", 1e-3, 0) == "lorenz-quick-dopr-muon-lr0.001-cov1-inv1-ema0-s0"
     assert spec.run_id("muon", 1e-3, 0) == "lorenz-quick-muon-lr0.001-s0"
     assert spec.study_of("muon") == "ttf-lorenz-quick" and spec.study_of("dopr-muon") == spec.name
     decayed = StudySpec("lorenz", weight_decay=0.1, dopr={"damping": 0.01, "damping_mode": "trace"})
     assert decayed.run_id("dopr-adamw", 1e-2, 1) == (
         "lorenz-quick-dopr-adamw-lr0.01-wd0.1-damp0.01-trace-s1"
     )
-    assert StudySpec("lorenz", dopr={"cov_every": 1, "damping_mode": "trace_over_dim"}) == (
+    assert StudySpec("lorenz", dopr={"cov_every": 10, "damping_mode": "trace_over_dim"}) == (
         StudySpec("lorenz")
     )
 
@@ -384,18 +382,18 @@ def test_dopr_settings_name_new_dopr_runs_and_share_the_baselines(
     # One run, trained in this process (the process pool is covered above).
     monkeypatch.setattr(ttf, "_execute", lambda jobs, *_: [ttf._run_one(job) for job in jobs])
     spec = replace(_spec(study.directory.parent), lrs=(LARGE_LR,), seeds=1)
-    spec = replace(spec, dopr={"cov_every": 2})
+    spec = replace(spec, dopr={"cov_every": 1, "inverse_every": 1})
     result = run_study(spec, progress=False)
-    assert result.directory.name == "ttf-linear-quick-cov2"
-    assert result.trained == ("linear-quick-dopr-sgd-lr0.1-cov2-s0",)
+    assert result.directory.name == "ttf-linear-quick-cov1-inv1"
+    assert result.trained == ("linear-quick-dopr-sgd-lr0.1-cov1-inv1-s0",)
     assert result.skipped == ("linear-quick-sgd-lr0.1-s0",)
     with ResultsStore(spec.out / "beyondloss.db") as store:
         [run] = store.runs(run_id=result.trained[0])
-        amortized = store.curves(result.trained[0])["val_loss"]
-        per_batch = store.curves("linear-quick-dopr-sgd-lr0.1-s0")["val_loss"]
-    assert run["config"]["dopr"] == {"cov_every": 2}
-    assert run["config"]["study"] == "ttf-linear-quick-cov2"
-    assert amortized != per_batch
+        per_step = store.curves(result.trained[0])["val_loss"]
+        amortized = store.curves("linear-quick-dopr-sgd-lr0.1-s0")["val_loss"]
+    assert run["config"]["dopr"] == {"cov_every": 1, "inverse_every": 1}
+    assert run["config"]["study"] == "ttf-linear-quick-cov1-inv1"
+    assert per_step != amortized
     assert (result.directory / "runs" / result.trained[0] / "checkpoint.pt").exists()
 
 
