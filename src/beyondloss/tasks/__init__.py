@@ -35,10 +35,20 @@ def lorenz(size: str, data_seed: int) -> Lorenz63Task:
     return Lorenz63Task(make_config(data_seed))
 
 
+def behavior_cloning(size: str, data_seed: int, env: str) -> Task:
+    """MuJoCo behavior cloning (:mod:`beyondloss.tasks.control`); imported on use, since it
+    needs the optional ``control`` extra (gymnasium + MuJoCo)."""
+    from beyondloss.tasks.control import make_control_task
+
+    return make_control_task(size, data_seed, env)
+
+
 TASKS: dict[str, TaskFactory] = {
     "lorenz": lorenz,
     "sort": partial(make_sequence_task, problem="sort"),
     **{f"flow-{name}": partial(make_flow_task, dataset=name) for name in FLOW_DATASETS},
+    "bc-pendulum": partial(behavior_cloning, env="pendulum"),
+    "bc-reacher": partial(behavior_cloning, env="reacher"),
 }
 """Task name → factory ``(size, data_seed) -> Task``."""
 
