@@ -7,9 +7,9 @@ the task's kind.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -62,3 +62,28 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
         """Downstream metrics of the deployed model (rollouts) on ``split`` ("val" or "test")."""
         ...
+
+
+class ConfiguredTask:
+    """Plumbing the tasks share: ``self.config`` (a frozen dataclass) carries the training budget
+    (``epochs``, ``batch_size``), and :meth:`_data` builds the task's data from it once, on first
+    use, with the class's ``build_data(config)``."""
+
+    config: Any
+    build_data: ClassVar[Callable[[Any], Any]]
+    _cached: Any = None
+
+    @property
+    def epochs(self) -> int:
+        """Training epochs at the configured size."""
+        return self.config.epochs
+
+    @property
+    def batch_size(self) -> int:
+        """Training samples per optimizer step."""
+        return self.config.batch_size
+
+    def _data(self) -> Any:
+        if self._cached is None:
+            self._cached = type(self).build_data(self.config)
+        return self._cached

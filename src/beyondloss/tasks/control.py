@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from beyondloss.tasks.base import Splits
+from beyondloss.tasks.base import ConfiguredTask, Splits
 from beyondloss.tasks.experts import LQRExpert, ReacherExpert
 
 REACHER_SUCCESS_DISTANCE = 0.01
@@ -541,7 +541,7 @@ def generate_demonstrations(config: ControlConfig) -> Demonstrations:
     )
 
 
-class BehaviorCloningTask:
+class BehaviorCloningTask(ConfiguredTask):
     """Behavior cloning of a hand-built expert in a MuJoCo environment (see module docs).
 
     Metrics of :meth:`evaluate` over the split's evaluation episodes:
@@ -560,16 +560,6 @@ class BehaviorCloningTask:
         self.higher_is_better = MappingProxyType(
             {"success_rate": True, "return_mean": True} | dict(self.environment.extra_metrics)
         )
-
-    @property
-    def epochs(self) -> int:
-        """Training epochs at the configured size."""
-        return self.config.epochs
-
-    @property
-    def batch_size(self) -> int:
-        """Training pairs per optimizer step."""
-        return self.config.batch_size
 
     def splits(self) -> Splits:
         """``(observation, expert action)`` pairs per split (float32, ``(N, d_obs)`` and

@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from beyondloss.metrics.rollout import normalized_rmse, valid_prediction_times
-from beyondloss.tasks.base import Splits
+from beyondloss.tasks.base import ConfiguredTask, Splits
 
 SIGMA = 10.0
 RHO = 28.0
@@ -314,7 +314,7 @@ def _build(config: LorenzConfig) -> _LorenzData:
     )
 
 
-class Lorenz63Task:
+class Lorenz63Task(ConfiguredTask):
     """Lorenz-63 forecasting: one-step training, autoregressive deployment (see module docs).
 
     Data are generated on first use and kept. Metrics of :meth:`evaluate`:
@@ -325,6 +325,8 @@ class Lorenz63Task:
       forecast time (``inf`` when any rollout is non-finite by then).
     """
 
+    build_data = staticmethod(_build)
+
     name = "lorenz63"
     primary_metric = "vpt"
     higher_is_better = MappingProxyType(
@@ -333,22 +335,6 @@ class Lorenz63Task:
 
     def __init__(self, config: LorenzConfig | None = None) -> None:
         self.config = LorenzConfig.quick() if config is None else config
-        self._cached: _LorenzData | None = None
-
-    def _data(self) -> _LorenzData:
-        if self._cached is None:
-            self._cached = _build(self.config)
-        return self._cached
-
-    @property
-    def epochs(self) -> int:
-        """Training epochs at the configured size."""
-        return self.config.epochs
-
-    @property
-    def batch_size(self) -> int:
-        """Training pairs per optimizer step."""
-        return self.config.batch_size
 
     @property
     def state_mean(self) -> torch.Tensor:

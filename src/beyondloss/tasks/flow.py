@@ -58,7 +58,7 @@ from beyondloss.metrics.distribution import (
     mmd,
     wasserstein2,
 )
-from beyondloss.tasks.base import Splits
+from beyondloss.tasks.base import ConfiguredTask, Splits
 
 if TYPE_CHECKING:
     from sklearn.linear_model import LogisticRegression
@@ -460,7 +460,7 @@ def _build(config: FlowConfig) -> _FlowData:
     )
 
 
-class FlowMatchingTask:
+class FlowMatchingTask(ConfiguredTask):
     """Flow matching on one dataset: one-step CFM training, ODE deployment (see module docs).
 
     Data are generated on first use and kept. :meth:`evaluate` returns, for every solver and
@@ -487,6 +487,8 @@ class FlowMatchingTask:
     recognisable digits), so read it beside ``confident@euler8``.
     """
 
+    build_data = staticmethod(_build)
+
     def __init__(self, config: FlowConfig | None = None) -> None:
         self.config = FlowConfig.quick() if config is None else config
         self.name = f"flow-{self.config.dataset}"
@@ -497,7 +499,6 @@ class FlowMatchingTask:
             if self.config.dataset == "digits":
                 directions |= {f"confident@{label}": True, f"coverage@{label}": True}
         self.higher_is_better = MappingProxyType(directions)
-        self._cached: _FlowData | None = None
 
     def _configurations(self) -> dict[str, tuple[str, int]]:
         """Metric label (``euler8``) → (solver, steps), Euler first."""
@@ -509,21 +510,6 @@ class FlowMatchingTask:
             )
             for steps in counts
         }
-
-    def _data(self) -> _FlowData:
-        if self._cached is None:
-            self._cached = _build(self.config)
-        return self._cached
-
-    @property
-    def epochs(self) -> int:
-        """Training epochs at the configured size."""
-        return self.config.epochs
-
-    @property
-    def batch_size(self) -> int:
-        """Training rows per optimizer step."""
-        return self.config.batch_size
 
     def splits(self) -> Splits:
         """Standardized data. Train: ``(x1,)`` with ``x1`` ``(n_train, d)``; val and test:

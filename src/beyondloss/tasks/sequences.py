@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from beyondloss.metrics.sequence import exact_match, pooled_mean, token_matches
-from beyondloss.tasks.base import Splits
+from beyondloss.tasks.base import ConfiguredTask, Splits
 
 PROBLEMS = ("sort", "reverse")
 """Algorithmic problems of :class:`SequenceTask` (see the module docs)."""
@@ -417,7 +417,7 @@ def greedy_generate(model: nn.Module, context: Tensor, steps: int, eos: int, pad
     return generated.masked_fill(after_eos, pad)
 
 
-class SequenceTask:
+class SequenceTask(ConfiguredTask):
     """Algorithmic sequence generation (see module docs). Data are generated on first use.
 
     Metrics of :meth:`evaluate`, all fractions in ``[0, 1]`` and higher-is-better; "in
@@ -435,6 +435,8 @@ class SequenceTask:
     - ``exact_match@len<n>``: exact match at each evaluated length ``n``.
     """
 
+    build_data = staticmethod(_build)
+
     primary_metric = "exact_match"
 
     def __init__(self, config: SequenceConfig | None = None) -> None:
@@ -445,22 +447,6 @@ class SequenceTask:
             names += ["exact_match_ood", "token_accuracy_ood"]
         names += [f"exact_match@len{n}" for n in self.config.lengths]
         self.higher_is_better: Mapping[str, bool] = MappingProxyType(dict.fromkeys(names, True))
-        self._cached: _SequenceData | None = None
-
-    def _data(self) -> _SequenceData:
-        if self._cached is None:
-            self._cached = _build(self.config)
-        return self._cached
-
-    @property
-    def epochs(self) -> int:
-        """Training epochs at the configured size."""
-        return self.config.epochs
-
-    @property
-    def batch_size(self) -> int:
-        """Training instances per optimizer step."""
-        return self.config.batch_size
 
     @property
     def vocabulary(self) -> Vocabulary:
