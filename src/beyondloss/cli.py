@@ -20,6 +20,7 @@ from pathlib import Path
 from beyondloss import __version__
 from beyondloss.optim.factory import OPTIMIZER_NAMES
 from beyondloss.optim.linalg import DAMPING_MODES
+from beyondloss.study.arguments import positive_int
 from beyondloss.study.posthoc_cli import add_posthoc_command
 from beyondloss.study.ttf import (
     DEFAULT_LRS,
@@ -68,16 +69,6 @@ def _learning_rates(text: str) -> tuple[float, ...]:
     if not lrs:
         raise argparse.ArgumentTypeError("give at least one learning rate")
     return tuple(lrs)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -138,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ttf.add_argument(
         "--seeds",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="number of seeds, 0..N-1, per configuration (default per size: "
         + "; ".join(f"{size} {seeds}" for size, seeds in DEFAULT_SEEDS.items())
@@ -174,12 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dopr.add_argument(
         "--cov-every",
-        type=_positive_int,
+        type=positive_int,
         help=f"steps between activation statistics (default: {DOPR_DEFAULTS['cov_every']})",
     )
     dopr.add_argument(
         "--inverse-every",
-        type=_positive_int,
+        type=positive_int,
         help=f"steps between inverse refreshes (default: {DOPR_DEFAULTS['inverse_every']})",
     )
     dopr.add_argument(
@@ -190,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ttf.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULTS["workers"],
         help="parallel training processes (default: %(default)s)",
     )

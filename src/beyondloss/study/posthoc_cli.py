@@ -13,6 +13,7 @@ import math
 import shlex
 from pathlib import Path
 
+from beyondloss.study.arguments import positive_int
 from beyondloss.study.posthoc import run_posthoc_study
 from beyondloss.tasks.noisy_labels import DATASETS, NOISE_KINDS
 
@@ -50,16 +51,6 @@ def _rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"the noise rate must be in [0, 1], got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
@@ -124,7 +115,7 @@ def add_posthoc_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "becomes (c + 1) mod C (default: %(default)s)",
     )
     parser.add_argument(
-        "--seeds", type=_positive_int, default=8, help="runs per config (default: %(default)s)"
+        "--seeds", type=positive_int, default=8, help="runs per config (default: %(default)s)"
     )
     parser.add_argument(
         "--lrs",
@@ -146,7 +137,7 @@ def add_posthoc_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         help="parallel training processes (default: %(default)s)",
     )
