@@ -278,3 +278,13 @@ def test_factory_sizes_and_task_protocol() -> None:
     assert quick.epochs == 10 and quick.batch_size == 256
     with pytest.raises(ValueError, match="size"):
         make_flow_task("huge", 0)
+
+
+def test_primary_only_evaluates_just_the_primary_configuration() -> None:
+    task = tiny()
+    torch.manual_seed(0)
+    model = task.make_model()
+    every = task.evaluate(model, "val")
+    primary = task.evaluate(model, "val", primary_only=True)
+    assert set(primary) == {task.primary_metric, "mmd@euler4"}
+    assert primary == {name: every[name] for name in primary}

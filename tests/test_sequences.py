@@ -248,3 +248,13 @@ def test_config_validation(change: dict, message: str) -> None:
         replace(TINY, **change)
     with pytest.raises(ValueError, match="size"):
         make_sequence_task("huge", 0)
+
+
+def test_primary_only_generates_only_the_trained_lengths() -> None:
+    task = SequenceTask(TINY)
+    every = task.evaluate(Oracle(task), "val")
+    primary = task.evaluate(Oracle(task), "val", primary_only=True)
+    ood = {f"exact_match@len{n}" for n in TINY.ood_lengths} | {"exact_match_ood"}
+    assert TINY.ood_lengths and not ood & set(primary)
+    assert primary == {name: every[name] for name in primary}
+    assert task.primary_metric in primary

@@ -66,10 +66,14 @@ class LinearTask:
         x, y = batch
         return F.mse_loss(model(x), y)
 
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, split: str = "test", primary_only: bool = False
+    ) -> dict[str, float]:
+        score = -sum(float(p.square().sum()) for p in model.parameters())
+        if primary_only:
+            return {"score": score}
         x, y = getattr(self._splits, split).tensors
-        squared_norm = sum(float(p.square().sum()) for p in model.parameters())
-        return {"err": float(F.mse_loss(model(x), y)), "score": -squared_norm}
+        return {"err": float(F.mse_loss(model(x), y)), "score": score}
 
 
 class NonFiniteTask(LinearTask):
@@ -168,7 +172,15 @@ def test_study_records_runs_in_the_store(study: StudyResult) -> None:
     assert runs[0]["task"] == "linear" and runs[0]["config"]["epochs"] == 2
     assert "dopr" not in runs[0]["config"]
     assert curves["epoch"] == [1.0, 2.0]
-    assert {"val_loss", "val_err", "val_score", "test_err", "test_score"} <= set(curves)
+    assert {"val_loss", "val_score", "test_err", "test_score"} <= set(curves)
+
+
+def test_only_the_final_test_evaluation_asks_for_every_metric(study: StudyResult) -> None:
+    with ResultsStore(study.directory.parent / "beyondloss.db") as store:
+        curves = store.curves("linear-quick-dopr-sgd-lr0.1-s0")
+    assert "val_err" not in curves
+    assert all(math.isfinite(v) for v in curves["val_score"] + curves["test_score"])
+    assert math.isnan(curves["test_err"][0]) and math.isfinite(curves["test_err"][1])
 
 
 def test_val_loss_selects_the_lr_with_the_lowest_mean_val_loss(study: StudyResult) -> None:

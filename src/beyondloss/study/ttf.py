@@ -611,10 +611,16 @@ def _run_one(job: _Job) -> None:
 
 
 def _downstream(task: Task, split: str) -> Evaluator:
-    """Evaluator of ``task``'s downstream metrics on ``split``, prefixed ``<split>_``."""
+    """Evaluator of ``task``'s downstream metrics on ``split``, prefixed ``<split>_``.
+
+    The study reads only the primary metric of the validation split (for selection and τ) and
+    of the test split's intermediate epochs (for curves and τ), so it asks for every metric only
+    on the test split's final epoch (``primary_only`` otherwise; see :meth:`Task.evaluate`)."""
 
     def evaluate(model: nn.Module, epoch: int) -> dict[str, float]:
-        return {f"{split}_{name}": value for name, value in task.evaluate(model, split).items()}
+        primary_only = split != "test" or epoch < task.epochs
+        metrics = task.evaluate(model, split, primary_only=primary_only)
+        return {f"{split}_{name}": value for name, value in metrics.items()}
 
     return evaluate
 

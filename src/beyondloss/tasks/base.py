@@ -59,8 +59,15 @@ class Task(Protocol):
         """One-step training loss (scalar, mean over the batch) on one collated batch."""
         ...
 
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
-        """Downstream metrics of the deployed model (rollouts) on ``split`` ("val" or "test")."""
+    def evaluate(
+        self, model: nn.Module, split: str = "test", primary_only: bool = False
+    ) -> dict[str, float]:
+        """Downstream metrics of the deployed model (rollouts) on ``split`` ("val" or "test").
+
+        With ``primary_only`` the task may skip work that only the other metrics need; the
+        result must still hold :attr:`primary_metric`, with the same value as without it.
+        Studies ask for it where only the primary metric is read (selection on the validation
+        split, per-epoch curves)."""
         ...
 
 

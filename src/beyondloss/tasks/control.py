@@ -585,8 +585,11 @@ class BehaviorCloningTask(ConfiguredTask):
         observation, action = batch
         return (model(observation) - action).square().mean()
 
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
-        """Rollout metrics of ``model`` deployed on ``split`` ("val" or "test"); class docs.
+    def evaluate(
+        self, model: nn.Module, split: str = "test", primary_only: bool = False
+    ) -> dict[str, float]:
+        """Rollout metrics of ``model`` deployed on ``split`` ("val" or "test"); class docs. Every
+        metric comes from the same rollouts, so ``primary_only`` changes nothing.
 
         The model runs in eval mode on the CPU in the dtype of :func:`policy_dtype`; its training
         mode is restored afterwards.

@@ -373,8 +373,11 @@ class Lorenz63Task(ConfiguredTask):
         scale = self._data().increment_std.to(device=prediction.device, dtype=prediction.dtype)
         return ((prediction - target) / scale).square().mean()
 
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
-        """Rollout metrics of ``model`` on ``split`` ("val" or "test"); see the class docs.
+    def evaluate(
+        self, model: nn.Module, split: str = "test", primary_only: bool = False
+    ) -> dict[str, float]:
+        """Rollout metrics of ``model`` on ``split`` ("val" or "test"); see the class docs. Every
+        metric comes from the same rollouts, so ``primary_only`` changes nothing.
 
         The model runs in eval mode under ``torch.no_grad`` on the device and dtype of its first
         parameter; its training mode is restored afterwards.

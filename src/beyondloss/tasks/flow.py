@@ -550,9 +550,13 @@ class FlowMatchingTask(ConfiguredTask):
             x1, x0, t = tensors
         return flow_matching_loss(model, x1, x0, t)
 
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, split: str = "test", primary_only: bool = False
+    ) -> dict[str, float]:
         """Sample quality of ``model`` deployed by each configured solver and step count on
-        ``split`` ("val" or "test"); see the class docs for the metrics.
+        ``split`` ("val" or "test"); see the class docs for the metrics. With ``primary_only``,
+        only by Euler with ``primary_steps`` steps (one exact OT problem instead of one per
+        configuration: at the full size the sweep's OT is most of a run's time).
 
         The model runs in eval mode under ``torch.no_grad`` on the device and dtype of its first
         parameter; its training mode is restored afterwards. Uses no global RNG.
@@ -562,13 +566,17 @@ class FlowMatchingTask(ConfiguredTask):
         start = self.noise(split).to(device=first.device, dtype=first.dtype)
         reference = self.references(split)
         bandwidths = self.mmd_bandwidths
+        configurations = self._configurations()
+        if primary_only:
+            primary = f"euler{self.config.primary_steps}"
+            configurations = {primary: configurations[primary]}
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 samples = {
                     label: integrate(model, start, steps, solver).double().cpu()
-                    for label, (solver, steps) in self._configurations().items()
+                    for label, (solver, steps) in configurations.items()
                 }
         finally:
             model.train(was_training)

@@ -485,11 +485,17 @@ class SequenceTask(ConfiguredTask):
             logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=IGNORE_INDEX
         )
 
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, split: str = "test", primary_only: bool = False
+    ) -> dict[str, float]:
         """Greedy-generation metrics of ``model`` on ``split`` ("val" or "test"); see the class
-        docs. Runs in eval mode under ``torch.no_grad`` on the device of the model's first
+        docs. With ``primary_only``, only the trained lengths are generated (no ``_ood``
+        metrics). Runs in eval mode under ``torch.no_grad`` on the device of the model's first
         parameter; the training mode is restored afterwards."""
         groups = self.eval_instances(split)
+        if primary_only:
+            trained = set(self.config.train_lengths)
+            groups = {n: group for n, group in groups.items() if n in trained}
         device = _device(model)
         vocabulary = self.vocabulary
         exact, tokens, forced = {}, {}, {}
@@ -517,7 +523,7 @@ class SequenceTask(ConfiguredTask):
             "token_accuracy": pooled_mean({n: tokens[n] for n in in_distribution}),
             "teacher_forced_accuracy": pooled_mean(forced),
         }
-        if ood:
+        if ood and not primary_only:
             metrics["exact_match_ood"] = pooled_mean({n: exact[n] for n in ood})
             metrics["token_accuracy_ood"] = pooled_mean({n: tokens[n] for n in ood})
         metrics |= {f"exact_match@len{n}": pooled_mean({n: exact[n]}) for n in exact}
