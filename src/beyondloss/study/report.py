@@ -185,7 +185,9 @@ def plot_curves(
 
     ``curves(summary)`` gives the per-seed curves of that configuration (store layout: key
     ``"epoch"`` plus one list per metric, aligned). Each line is the mean over seeds against the
-    epoch, with a ±1 std band; the figure is written with the Agg backend.
+    epoch, with a band from the lowest to the highest seed: unlike mean ± std, it never leaves
+    the range the metric can take (a rate below 0, a loss at or below 0 on a log axis). The
+    figure is written with the Agg backend.
     """
     import matplotlib
 
@@ -201,11 +203,9 @@ def plot_curves(
             values = np.array(
                 [run.get(metric, [math.nan] * len(epochs)) for run in runs], dtype=np.float64
             )
-            mean = values.mean(axis=0)
-            spread = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
-            (line,) = axis.plot(epochs, mean, label=label)
+            (line,) = axis.plot(epochs, values.mean(axis=0), label=label)
             axis.fill_between(
-                epochs, mean - spread, mean + spread, color=line.get_color(), alpha=0.2
+                epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2
             )
     for axis, (metric, log_scale) in zip(axes[0], panels, strict=True):
         data = [np.asarray(line.get_ydata(), dtype=np.float64) for line in axis.get_lines()]

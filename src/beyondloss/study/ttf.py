@@ -441,7 +441,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
             by_val_loss,
             [("val_loss", True), (test_primary, False)],
             f"{spec.name}: each optimizer at its val-loss-selected lr "
-            f"(mean ± std over {spec.grid_seeds} seeds)",
+            f"(mean; band: lowest to highest of {spec.grid_seeds} seeds)",
         )
     with replacing(spec.directory / "val_loss_vs_downstream.png") as path:
         plot_mismatch(
