@@ -281,7 +281,7 @@ def test_spec_defaults_and_run_ids() -> None:
         ({"dopr": {"cov_every": 0}}, "cov_every must be an integer >= 1"),
         ({"dopr": {"inverse_every": 2.0}}, "inverse_every must be an integer >= 1"),
         ({"dopr": {"ema_decay": 1.0}}, "ema_decay must be >= 0 and < 1"),
-        ({"dopr": {"damping": math.inf}}, "damping must be >= 0 and finite"),
+        ({"dopr": {"damping": math.inf}}, "damping must be finite and >= 0"),
         ({"dopr": {"damping": "big"}}, "damping must be a number"),
         ({"dopr": {"damping_mode": "fro"}}, "damping_mode must be one of"),
         ({"optimizers": ("adamw",), "dopr": {"cov_every": 2}}, "dopr-\\* optimizers only"),

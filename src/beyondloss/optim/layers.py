@@ -6,14 +6,22 @@ the one place that knows what a ``Linear``, a ``Conv`` or an ``Embedding`` is.
 Conventions (shared by every helper)
 ------------------------------------
 * A layer computes ``y = W z (+ b)`` for input rows ``z ∈ R^{d_in}``; its gradient in that
-  convention is ``G ∈ R^{d_out × dim}`` where ``dim = d_in + 1`` when the bias is trained (the
-  bias is the weight of a constant input 1, so it is preconditioned together with ``W``).
-* ``moments(x)`` returns the sufficient statistics of one forward pass: ``(S, s, n)`` with
-  ``S = Σ_i z_i z_iᵀ`` (dense kinds) or the per-coordinate counts (diagonal kinds),
-  ``s = Σ_i z_i`` and ``n`` the number of rows. They add up across forwards and ranks.
-* ``covariance(S, s, n)`` turns pooled statistics into the uncentered second moment of the
-  (bias-extended) rows, ``Σ = (1/n) Σ_i z̃_i z̃_iᵀ`` with ``z̃ = [z; 1]``:
-  ``Σ = [[S/n, s/n], [sᵀ/n, 1]]``. Diagonal kinds return the diagonal as a vector.
+  convention is ``G ∈ R^{d_out × dim}`` where ``dim = d_in + 1`` when the layer has a bias
+  (the bias is the weight of a constant input 1, so it is preconditioned together with ``W``).
+  Whether the bias is trained is read at every step (``requires_grad`` and a gradient), so a
+  bias frozen or unfrozen after the optimizer was built is handled like torch optimizers do.
+* Σ is a list of diagonal blocks over contiguous ranges of the ``dim`` coordinates
+  (:func:`~beyondloss.optim.linalg.block_bounds`); the bias coordinate is the last one.
+  ``moments(x, columns)`` returns the sufficient statistics of one forward pass:
+  ``(S, s, n)`` with ``S`` the blocks ``Z_bᵀ Z_b`` over the weight ``columns`` (dense kinds) or
+  the per-coordinate counts (diagonal kinds), ``s = Σ_i z_i`` and ``n`` the number of rows.
+  They add up across forwards and ranks.
+* ``covariance(S, s, n, bounds)`` turns pooled statistics into the blocks of the uncentered
+  second moment of the (bias-extended) rows, ``Σ = (1/n) Σ_i z̃_i z̃_iᵀ`` with ``z̃ = [z; 1]``:
+  the block holding the bias coordinate is ``[[S_b/n, s_b/n], [s_bᵀ/n, 1]]``.
+* Under FSDP2 a parameter and its gradient are ``DTensor`` shards of rows (output features);
+  ``G`` and ``M`` are then the rank's local rows, and ``M_local = G_local P`` is exact because
+  P acts on the input side.
 """
 
 from __future__ import annotations
@@ -24,11 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Moments = tuple[Tensor, Tensor | None, int]
+Moments = tuple[list[Tensor], Tensor | None, int]
+Bounds = list[tuple[int, int]]
 
 
 class UnsupportedLayer(Exception):
     """Raised by a helper's constructor when this particular layer cannot be preconditioned."""
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The rank's local shard of a ``DTensor`` (FSDP2), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
 
 
 class LayerHelper(ABC):
@@ -37,16 +52,29 @@ class LayerHelper(ABC):
     diagonal: bool = False
 
     def __init__(self, module: nn.Module) -> None:
-        if not module.weight.requires_grad:
-            raise UnsupportedLayer("weight is frozen")
+        if not isinstance(module._parameters.get("weight"), nn.Parameter):
+            raise UnsupportedLayer(
+                "weight is computed from other parameters (weight_norm, spectral_norm or a "
+                "parametrization), so no gradient reaches it"
+            )
         self.module = module
-        bias = getattr(module, "bias", None)
-        self.has_bias = bias is not None and bias.requires_grad
+        bias = module._parameters.get("bias")
+        self.bias: nn.Parameter | None = bias if isinstance(bias, nn.Parameter) else None
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether Σ carries the bias coordinate (the layer has a bias parameter)."""
+        return self.bias is not None
 
     @property
     def params(self) -> list[Tensor]:
         """The parameters whose gradients this helper rewrites."""
-        return [self.module.weight, self.module.bias] if self.has_bias else [self.module.weight]
+        weight = self.module.weight
+        return [weight] if self.bias is None else [weight, self.bias]
+
+    def trains_bias(self) -> bool:
+        """Whether the bias is trained this step: it requires grad and received a gradient."""
+        return self.bias is not None and self.bias.requires_grad and self.bias.grad is not None
 
     @property
     @abstractmethod
@@ -55,58 +83,76 @@ class LayerHelper(ABC):
 
     @property
     def dim(self) -> int:
-        """Side of Σ: d_in, plus one when the bias is preconditioned with its weight."""
+        """Side of Σ: d_in, plus one when the layer has a bias."""
         return self.in_features + int(self.has_bias)
 
+    def columns(self, bounds: Bounds) -> Bounds:
+        """The blocks ``bounds`` of Σ restricted to the weight columns (bias coordinate off)."""
+        d = self.in_features
+        return [(start, min(stop, d)) for start, stop in bounds if start < d]
+
     @abstractmethod
-    def moments(self, x: Tensor) -> Moments:
+    def moments(self, x: Tensor, columns: Bounds) -> Moments:
         """Statistics ``(S, s, n)`` of the layer input ``x`` of one forward pass, in fp32."""
 
-    def covariance(self, second: Tensor, first: Tensor | None, n: int) -> Tensor:
-        """Σ of the bias-extended rows, shape (dim, dim), from pooled statistics."""
+    def covariance(
+        self, second: list[Tensor], first: Tensor | None, n: int, bounds: Bounds
+    ) -> list[Tensor]:
+        """The blocks of Σ of the bias-extended rows over ``bounds``, from pooled statistics."""
         n = max(n, 1)
+        blocks = [block / n for block in second]
         if not self.has_bias:
-            return second / n
+            return blocks
         d = self.in_features
-        sigma = second.new_empty(d + 1, d + 1)
-        sigma[:d, :d] = second / n
-        sigma[:d, d] = first / n
-        sigma[d, :d] = first / n
-        sigma[d, d] = 1.0
-        return sigma
+        start = bounds[-1][0]
+        side = d + 1 - start
+        last = first.new_empty(side, side)
+        if start < d:
+            last[:-1, :-1] = blocks.pop()
+            last[:-1, -1] = first[start:] / n
+            last[-1, :-1] = first[start:] / n
+        last[-1, -1] = 1.0
+        return [*blocks, last]
+
+    def without_bias(self, blocks: list[Tensor]) -> list[Tensor]:
+        """Σ of the weight columns alone: the bias row and column removed from the last block."""
+        if not self.has_bias:
+            return blocks
+        last = blocks[-1][:-1, :-1]
+        return [*blocks[:-1], last] if last.numel() else blocks[:-1]
 
     def weight_grad_matrix(self) -> Tensor:
-        """The weight gradient as a (d_out, d_in) matrix."""
-        return self.module.weight.grad.reshape(self.module.weight.shape[0], -1)
+        """The weight gradient as a (d_out, d_in) matrix (local rows under FSDP2)."""
+        grad = local(self.module.weight.grad)
+        return grad.reshape(grad.shape[0], -1)
 
-    def grad_matrix(self) -> Tensor | None:
-        """G, shape (d_out, dim), or None when the layer received no gradient this step."""
+    def grad_matrix(self, with_bias: bool) -> Tensor | None:
+        """G, shape (d_out, d_in [+1]), or None when the weight received no gradient."""
         if self.module.weight.grad is None:
             return None
         g = self.weight_grad_matrix()
-        if self.has_bias:
-            bias_grad = self.module.bias.grad
-            if bias_grad is None:
-                bias_grad = torch.zeros_like(self.module.bias)
-            g = torch.cat([g, bias_grad.reshape(-1, 1)], dim=1)
+        if with_bias:
+            g = torch.cat([g, local(self.bias.grad).reshape(-1, 1)], dim=1)
         return g
 
-    def set_grad_matrix(self, m: Tensor) -> None:
-        """Write the preconditioned M (d_out, dim) back into ``.grad``."""
-        weight = self.module.weight
+    def set_grad_matrix(self, m: Tensor, with_bias: bool) -> None:
+        """Write the preconditioned M back into ``.grad`` (the bias column iff ``with_bias``)."""
+        grad = local(self.module.weight.grad)
         d = self.in_features
-        weight.grad.copy_(m[:, :d].reshape(weight.shape))
-        if self.has_bias:
-            if self.module.bias.grad is None:
-                self.module.bias.grad = torch.zeros_like(self.module.bias)
-            self.module.bias.grad.copy_(m[:, d])
+        grad.copy_(m[:, :d].reshape(grad.shape))
+        if with_bias:
+            local(self.bias.grad).copy_(m[:, d])
 
 
-def _dense_moments(rows: Tensor) -> Moments:
-    """(ZᵀZ, Σ_i z_i, n) of rows Z (n, d), in fp32 (fp64 for fp64 inputs) with autocast off."""
+def _dense_moments(rows: Tensor, columns: Bounds) -> Moments:
+    """(blocks Z_bᵀZ_b, Σ_i z_i, n) of rows Z (n, d) in fp32 (fp64 for fp64), autocast off."""
     with torch.autocast(device_type=rows.device.type, enabled=False):
         z = rows.detach().to(torch.promote_types(rows.dtype, torch.float32))
-        return z.T @ z, z.sum(dim=0), z.shape[0]
+        if len(columns) == 1 and columns[0] == (0, z.shape[1]):
+            second = [z.T @ z]
+        else:
+            second = [z[:, start:stop].T @ z[:, start:stop] for start, stop in columns]
+        return second, z.sum(dim=0), z.shape[0]
 
 
 class LinearHelper(LayerHelper):
@@ -116,8 +162,8 @@ class LinearHelper(LayerHelper):
     def in_features(self) -> int:
         return self.module.in_features
 
-    def moments(self, x: Tensor) -> Moments:
-        return _dense_moments(x.reshape(-1, self.in_features))
+    def moments(self, x: Tensor, columns: Bounds) -> Moments:
+        return _dense_moments(x.reshape(-1, self.in_features), columns)
 
 
 class ConvHelper(LayerHelper):
@@ -156,13 +202,13 @@ class ConvHelper(LayerHelper):
     def in_features(self) -> int:
         return self.module.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
-    def moments(self, x: Tensor) -> Moments:
+    def moments(self, x: Tensor, columns: Bounds) -> Moments:
         if self.is_1d:
             x = x.unsqueeze(-2)
         if x.dim() == 3:  # unbatched input
             x = x.unsqueeze(0)
         patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        return _dense_moments(patches.transpose(1, 2).reshape(-1, self.in_features))
+        return _dense_moments(patches.transpose(1, 2).reshape(-1, self.in_features), columns)
 
 
 class EmbeddingHelper(LayerHelper):
@@ -179,24 +225,25 @@ class EmbeddingHelper(LayerHelper):
         super().__init__(module)
         if module.sparse:
             raise UnsupportedLayer("sparse gradients")
-        self.has_bias = False
 
     @property
     def in_features(self) -> int:
         return self.module.num_embeddings
 
-    def moments(self, x: Tensor) -> Moments:
+    def moments(self, x: Tensor, columns: Bounds) -> Moments:
         counts = torch.bincount(x.detach().reshape(-1), minlength=self.in_features)
-        return counts.float(), None, x.numel()
+        return [counts.float()], None, x.numel()
 
-    def covariance(self, second: Tensor, first: Tensor | None, n: int) -> Tensor:
-        return second / max(n, 1)
+    def covariance(
+        self, second: list[Tensor], first: Tensor | None, n: int, bounds: Bounds
+    ) -> list[Tensor]:
+        return [second[0] / max(n, 1)]
 
     def weight_grad_matrix(self) -> Tensor:
-        return self.module.weight.grad.T
+        return local(self.module.weight.grad).T
 
-    def set_grad_matrix(self, m: Tensor) -> None:
-        self.module.weight.grad.copy_(m.T)
+    def set_grad_matrix(self, m: Tensor, with_bias: bool) -> None:
+        local(self.module.weight.grad).copy_(m.T)
 
 
 HELPERS: dict[type[nn.Module], type[LayerHelper]] = {

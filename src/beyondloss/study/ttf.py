@@ -26,7 +26,6 @@ does not depend on which worker ran it or on how many there are.
 
 from __future__ import annotations
 
-import inspect
 import math
 import multiprocessing
 import time
@@ -41,9 +40,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
-from beyondloss.optim.linalg import DAMPING_MODES
-from beyondloss.optim.preconditioner import ActivationPreconditioner
 from beyondloss.store import ResultsStore
 from beyondloss.study.report import (
     CI_LABEL,
@@ -93,10 +91,7 @@ DOPR_SETTINGS = {
 """Activation-preconditioner settings a study may set, and their tag in run ids (``cov10``;
 ``damping_mode`` is tagged by its value alone, e.g. ``trace``)."""
 
-DOPR_DEFAULTS: Mapping[str, Any] = {
-    name: inspect.signature(ActivationPreconditioner).parameters[name].default
-    for name in DOPR_SETTINGS
-}
+DOPR_DEFAULTS: Mapping[str, Any] = {name: getattr(APConfig(), name) for name in DOPR_SETTINGS}
 """DoPr's own value of each of :data:`DOPR_SETTINGS`."""
 
 DoprSettings = Mapping[str, float | int | str]
@@ -126,9 +121,8 @@ class StudySpec:
         Decoupled weight decay of every optimizer, ``>= 0``.
     dopr:
         Activation-preconditioner settings of the ``dopr-*`` optimizers, keys from
-        :data:`DOPR_SETTINGS` (``damping >= 0``, ``damping_mode`` in
-        :data:`~beyondloss.optim.linalg.DAMPING_MODES`, integers ``cov_every, inverse_every
-        >= 1``, ``0 <= ema_decay < 1``); unset keys keep DoPr's defaults. Kept without the
+        :data:`DOPR_SETTINGS`, validated by :class:`~beyondloss.optim.config.APConfig`;
+        unset keys keep DoPr's defaults. Kept without the
         entries equal to :data:`DOPR_DEFAULTS`, so a default spelled out names the same runs.
         Needs a ``dopr-*`` optimizer.
     workers:
@@ -255,36 +249,24 @@ def _is_dopr(optimizer: str) -> bool:
 
 
 def _check_dopr(settings: DoprSettings) -> dict[str, float | int | str]:
-    """Validated ``settings`` in :data:`DOPR_SETTINGS` order, without DoPr's default values."""
+    """Validated ``settings`` in :data:`DOPR_SETTINGS` order, without DoPr's default values.
+
+    Validation is :class:`~beyondloss.optim.config.APConfig`'s own.
+    """
     unknown = sorted(set(settings) - set(DOPR_SETTINGS))
     if unknown:
         raise ValueError(
             f"unknown dopr settings {unknown}; expected some of {', '.join(DOPR_SETTINGS)}"
         )
-    checked: dict[str, float | int | str] = {}
-    for key in DOPR_SETTINGS:
-        if key not in settings:
-            continue
-        value = settings[key]
-        if key == "damping_mode":
-            if value not in DAMPING_MODES:
-                raise ValueError(
-                    f"dopr damping_mode must be one of {', '.join(DAMPING_MODES)}, got {value!r}"
-                )
-        elif key in ("cov_every", "inverse_every"):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"dopr {key} must be an integer >= 1, got {value!r}")
-        else:
-            if isinstance(value, bool | str) or not isinstance(value, int | float):
-                raise ValueError(f"dopr {key} must be a number, got {value!r}")
-            value = float(value)
-            upper = 1.0 if key == "ema_decay" else math.inf
-            if not (0.0 <= value < upper):
-                bound = "< 1" if key == "ema_decay" else "finite"
-                raise ValueError(f"dopr {key} must be >= 0 and {bound}, got {value!r}")
-        if value != DOPR_DEFAULTS[key]:
-            checked[key] = value
-    return checked
+    try:
+        config = APConfig.from_mapping(settings)
+    except ValueError as error:
+        raise ValueError(f"dopr {error}") from None
+    return {
+        key: getattr(config, key)
+        for key in DOPR_SETTINGS
+        if key in settings and getattr(config, key) != DOPR_DEFAULTS[key]
+    }
 
 
 @dataclass(frozen=True)
