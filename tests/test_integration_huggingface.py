@@ -268,11 +268,6 @@ def test_dopr_kwargs_from_args_takes_adam_settings_only_for_adam_bases(tmp_path)
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GPT-2's transformers.pytorch_utils.Conv1D (c_attn, c_proj, c_fc) is not a layer "
-    "kind DoPr knows; it is skipped silently, so only the position embedding is preconditioned",
-)
 def test_gpt2_conv1d_projections_are_preconditioned():
     config = transformers.GPT2Config(
         n_layer=1, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=LENGTH

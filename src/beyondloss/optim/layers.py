@@ -246,12 +246,49 @@ class EmbeddingHelper(LayerHelper):
         local(self.module.weight.grad).copy_(m.T)
 
 
+class TransposedLinearHelper(LayerHelper):
+    """A linear layer that stores its weight as (d_in, d_out) and computes ``y = x W + b``.
+
+    HuggingFace's ``transformers.pytorch_utils.Conv1D`` (GPT-2's attention and MLP projections)
+    is one. In the linear convention ``G = W.gradᵀ``, so ``M`` is written back transposed.
+    """
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[0]
+
+    def moments(self, x: Tensor, columns: Bounds) -> Moments:
+        return _dense_moments(x.reshape(-1, self.in_features), columns)
+
+    def weight_grad_matrix(self) -> Tensor:
+        return local(self.module.weight.grad).T
+
+    def set_grad_matrix(self, m: Tensor, with_bias: bool) -> None:
+        d = self.in_features
+        local(self.module.weight.grad).copy_(m[:, :d].T)
+        if with_bias:
+            local(self.bias.grad).copy_(m[:, d])
+
+
 HELPERS: dict[type[nn.Module], type[LayerHelper]] = {
     nn.Linear: LinearHelper,
     nn.Conv1d: ConvHelper,
     nn.Conv2d: ConvHelper,
     nn.Embedding: EmbeddingHelper,
 }
+"""Helper of each supported module class (a subclass uses its nearest registered base)."""
+
+NAMED_HELPERS: dict[str, type[LayerHelper]] = {
+    "transformers.pytorch_utils.Conv1D": TransposedLinearHelper,
+}
+"""Helpers of classes from optional packages, by ``module.qualname``, so none is imported."""
+
+
+def register_helper(module_class: type[nn.Module], helper: type[LayerHelper]) -> None:
+    """Precondition layers of ``module_class`` (and its subclasses) with ``helper``."""
+    if not (isinstance(helper, type) and issubclass(helper, LayerHelper)):
+        raise TypeError(f"helper must be a LayerHelper subclass, got {helper!r}")
+    HELPERS[module_class] = helper
 
 
 def helper_for(module: nn.Module) -> LayerHelper | None:
@@ -260,6 +297,7 @@ def helper_for(module: nn.Module) -> LayerHelper | None:
     Raises :class:`UnsupportedLayer` when the kind is known but this instance is not supported.
     """
     for cls in type(module).__mro__:
-        if cls in HELPERS:
-            return HELPERS[cls](module)
+        helper = HELPERS.get(cls) or NAMED_HELPERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if helper is not None:
+            return helper(module)
     return None

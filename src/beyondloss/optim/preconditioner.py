@@ -50,7 +50,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from beyondloss.optim.config import APConfig
-from beyondloss.optim.layers import Bounds, LayerHelper, UnsupportedLayer, helper_for
+from beyondloss.optim.layers import (
+    HELPERS,
+    NAMED_HELPERS,
+    Bounds,
+    LayerHelper,
+    UnsupportedLayer,
+    helper_for,
+)
 from beyondloss.optim.linalg import Inverse, block_bounds, damped_inverse
 
 NOT_OPTIMIZED = "its parameters are not all held by the optimizer"
@@ -430,9 +437,10 @@ class ActivationPreconditioner:
                 "not preconditioned: nn.MultiheadAttention uses it in a fused kernel, "
                 "not through a layer whose inputs can be recorded"
             )
+        known = ", ".join([cls.__name__ for cls in HELPERS] + [*NAMED_HELPERS])
         return (
-            f"not preconditioned: no helper for {type(module).__name__} "
-            "(helpers exist for Linear, Conv1d, Conv2d, Embedding)"
+            f"not preconditioned: no helper for {type(module).__name__} (helpers: {known}; "
+            "add one with beyondloss.optim.layers.register_helper)"
         )
 
     def describe(self) -> str:
@@ -466,7 +474,10 @@ class ActivationPreconditioner:
         return {"steps": self.steps, "layers": layers, "excluded": dict(self.excluded)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; the model must have the same layers."""
+        """Restore what :meth:`state_dict` saved, on each layer's device (as torch optimizers do).
+
+        The model must have the same preconditioned layers.
+        """
         if set(self.layers) != set(state_dict["layers"]):
             raise ValueError(
                 "preconditioned layers differ from the saved state: "
@@ -474,13 +485,15 @@ class ActivationPreconditioner:
             )
         self.steps = int(state_dict["steps"])
 
-        def own(t: Any) -> Any:
-            if isinstance(t, list):
-                return [block.clone() for block in t]
-            return None if t is None else t.clone()
-
         for name, saved in state_dict["layers"].items():
             s = self.layers[name]
+            device = s.helper.module.weight.device
+
+            def own(t: Any, device: torch.device = device) -> Any:
+                if isinstance(t, list):
+                    return [block.to(device, copy=True) for block in t]
+                return None if t is None else t.to(device, copy=True)
+
             s.recording = bool(saved["recording"])
             s.bounds = None if saved["bounds"] is None else [tuple(b) for b in saved["bounds"]]
             s.second, s.first, s.n = own(saved["second"]), own(saved["first"]), int(saved["n"])
