@@ -336,6 +336,11 @@ def test_dopr_settings_tag_dopr_run_ids_and_drop_defaults() -> None:
     assert StudySpec("lorenz", dopr={"cov_every": 10, "damping_mode": "trace_over_dim"}) == (
         StudySpec("lorenz")
     )
+    wide = StudySpec("lorenz", dopr={"max_block_size": 64, "grafting": "grad_norm"})
+    assert wide.run_id("dopr-sgd", 1e-2, 0) == "lorenz-quick-dopr-sgd-lr0.01-blk64-grad_norm-s0"
+    assert StudySpec("lorenz", dopr={"max_block_size": None, "grafting": "none"}) == (
+        StudySpec("lorenz")
+    )
 
 
 def test_report_gives_confidence_intervals_gains_and_kendall_tau(study: StudyResult) -> None:

@@ -18,8 +18,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from beyondloss import __version__
+from beyondloss.optim.config import DAMPING_MODES, GRAFTING_MODES
 from beyondloss.optim.factory import OPTIMIZER_NAMES
-from beyondloss.optim.linalg import DAMPING_MODES
 from beyondloss.study.arguments import positive_int
 from beyondloss.study.posthoc_cli import add_posthoc_command
 from beyondloss.study.ttf import (
@@ -178,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_unit_interval,
         help=f"EMA decay of the activation moment, in [0, 1) "
         f"(default: {DOPR_DEFAULTS['ema_decay']:g})",
+    )
+    dopr.add_argument(
+        "--max-block-size",
+        type=positive_int,
+        help="largest diagonal block of a wide layer's Σ (default: dense Σ)",
+    )
+    dopr.add_argument(
+        "--grafting",
+        choices=GRAFTING_MODES,
+        help=f"step-length grafting of the preconditioned gradient "
+        f"(default: {DOPR_DEFAULTS['grafting']})",
     )
     ttf.add_argument(
         "--workers",

@@ -87,9 +87,11 @@ DOPR_SETTINGS = {
     "cov_every": "cov",
     "inverse_every": "inv",
     "ema_decay": "ema",
+    "max_block_size": "blk",
+    "grafting": "",
 }
 """Activation-preconditioner settings a study may set, and their tag in run ids (``cov10``;
-``damping_mode`` is tagged by its value alone, e.g. ``trace``)."""
+``damping_mode`` and ``grafting`` are tagged by their value alone, e.g. ``trace``)."""
 
 DOPR_DEFAULTS: Mapping[str, Any] = {name: getattr(APConfig(), name) for name in DOPR_SETTINGS}
 """DoPr's own value of each of :data:`DOPR_SETTINGS`."""
