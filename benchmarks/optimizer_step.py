@@ -49,7 +49,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     ap = getattr(optimizer, "preconditioner", None)
     if ap is not None:
         for layer in ap.layers.values():
-            tensors += [layer.sigma, layer.inverse.matrix]
+            tensors += [*layer.sigma, *layer.inverse.blocks]
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -240,10 +240,16 @@ class EmbeddingHelper(LayerHelper):
         return [second[0] / max(n, 1)]
 
     def weight_grad_matrix(self) -> Tensor:
-        return local(self.module.weight.grad).T
+        grad = self.module.weight.grad
+        if local(grad) is not grad:
+            raise NotImplementedError(
+                "activation preconditioning of a sharded (FSDP2) nn.Embedding is not supported; "
+                "leave it to the base optimizer with DoPr(..., exclude=[<its module name>])"
+            )
+        return grad.T
 
     def set_grad_matrix(self, m: Tensor, with_bias: bool) -> None:
-        local(self.module.weight.grad).copy_(m.T)
+        self.module.weight.grad.copy_(m.T)
 
 
 class TransposedLinearHelper(LayerHelper):
