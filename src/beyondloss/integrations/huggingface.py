@@ -13,12 +13,22 @@ Trainer's own:
 
 Both read the learning rate, weight decay and Adam betas/epsilon from ``TrainingArguments``, so
 ``args`` stays the one place hyperparameters are set (``args.optim`` is ignored: DoPr is the
-optimizer; its gradient preconditioner is chosen by ``base``).
+optimizer; its gradient preconditioner is chosen by ``base``), and both give DoPr the Trainer's
+own two parameter groups (weight decay on the parameters of
+``Trainer.get_decay_parameter_names``, none on biases and norm gains; frozen parameters left
+out), so with activation preconditioning off DoPr is the Trainer's AdamW.
+
+On transformers 5, whose Trainer accepts optimizer *factories*, a third way needs no import
+from here: ``Trainer(..., optimizer_cls_and_kwargs=(lambda: DoPr, {"lr": 1e-3}))`` makes the
+Trainer call ``DoPr(model, lr=1e-3)``. It takes only the keyword arguments given (nothing from
+``args``) and applies one weight decay (DoPr's, 0 unless given) to every parameter.
+``(DoPr, {...})``, the class itself, does not work: the Trainer then passes parameter groups,
+which DoPr refuses with a ``TypeError``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -32,7 +42,13 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "beyondloss.integrations.huggingface needs transformers: pip install 'beyondloss[hf]'"
     ) from error
 
-__all__ = ["DoPrTrainer", "dopr_from_args", "dopr_kwargs_from_args"]
+__all__ = [
+    "DoPrTrainer",
+    "decay_parameter_names",
+    "dopr_from_args",
+    "dopr_kwargs_from_args",
+    "trainer_parameter_groups",
+]
 
 ADAM_BASES = ("adamw", "adam")
 
@@ -41,9 +57,9 @@ def dopr_kwargs_from_args(args: TrainingArguments, base: str = "adamw") -> dict[
     """DoPr keyword arguments equivalent to what ``args`` would give the Trainer's AdamW.
 
     ``learning_rate`` and ``weight_decay`` always; ``adam_beta1/2`` and ``adam_epsilon`` only for
-    the Adam bases (SGD and Muon take no betas). Note one difference: the Trainer exempts biases
-    and norm gains from weight decay, DoPr (built from the model alone) decays every parameter,
-    so with ``weight_decay > 0`` the two are not the same optimizer.
+    the Adam bases (SGD and Muon take no betas). Which parameters decay is not a keyword
+    argument: :func:`dopr_from_args` passes the Trainer's groups
+    (:func:`trainer_parameter_groups`) as ``params=``.
     """
     kwargs: dict[str, Any] = {
         "base": base,
@@ -56,16 +72,55 @@ def dopr_kwargs_from_args(args: TrainingArguments, base: str = "adamw") -> dict[
     return kwargs
 
 
-def dopr_from_args(model: nn.Module, args: TrainingArguments, **dopr_kwargs: Any) -> DoPr:
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters the Trainer's AdamW decays: ``Trainer.get_decay_parameter_names``.
+
+    The Trainer's own rule of the installed transformers, called without a Trainer (its body
+    uses no Trainer state in the 4.x and 5.x versions checked). ``DoPrTrainer`` calls
+    ``self.get_decay_parameter_names`` instead, so an override in a subclass is followed.
+    """
+    return list(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+
+
+def trainer_parameter_groups(
+    model: nn.Module, weight_decay: float, decay_names: Iterable[str] | None = None
+) -> list[dict[str, Any]]:
+    """The Trainer's parameter groups: ``decay_names`` at ``weight_decay``, the rest at 0.
+
+    As in ``Trainer.create_optimizer``: trainable parameters only, in ``named_parameters``
+    order; ``decay_names`` defaults to :func:`decay_parameter_names`. An empty group is
+    dropped (DoPr needs at least one parameter overall, not per group).
+    """
+    names = set(decay_parameter_names(model) if decay_names is None else decay_names)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if n in names], "weight_decay": weight_decay},
+        {"params": [p for n, p in trainable if n not in names], "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def dopr_from_args(
+    model: nn.Module,
+    args: TrainingArguments,
+    *,
+    decay_names: Iterable[str] | None = None,
+    **dopr_kwargs: Any,
+) -> DoPr:
     """DoPr over ``model`` with hyperparameters from ``args``; ``dopr_kwargs`` override them.
 
     ``dopr_kwargs`` may hold any :class:`~beyondloss.optim.DoPr` argument (``base``,
-    ``damping``, ``cov_every``, ``activation_preconditioning`` ...).
+    ``damping``, ``cov_every``, ``activation_preconditioning`` ...). Unless it holds
+    ``params``, DoPr gets the Trainer's groups (:func:`trainer_parameter_groups`): weight decay
+    (``args.weight_decay``, or a ``weight_decay`` given here) on ``decay_names`` — default the
+    Trainer's rule, :func:`decay_parameter_names` — and none on the other parameters.
     """
     base = dopr_kwargs.pop("base", "adamw")
     kwargs = dopr_kwargs_from_args(args, base if isinstance(base, str) else "")
     kwargs["base"] = base
     kwargs.update(dopr_kwargs)
+    if "params" not in kwargs:
+        kwargs["params"] = trainer_parameter_groups(model, kwargs["weight_decay"], decay_names)
     return DoPr(model, **kwargs)
 
 
@@ -73,7 +128,9 @@ class DoPrTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with DoPr instead of its own AdamW.
 
     Takes every ``Trainer`` argument plus ``dopr_kwargs`` (passed to :func:`dopr_from_args`).
-    Only optimizer creation changes: the scheduler (``lr_scheduler_type``, warmup) is the
+    DoPr gets the parameter groups the Trainer's AdamW would get, from
+    ``self.get_decay_parameter_names`` (so a subclass that overrides it is followed). Only
+    optimizer creation changes: the scheduler (``lr_scheduler_type``, warmup) is the
     Trainer's, stepping DoPr's ``param_groups``; checkpoints save and restore DoPr's
     ``state_dict`` (preconditioner statistics included) like any optimizer's. An optimizer
     passed through ``optimizers=`` still wins, as in the Trainer.
@@ -91,5 +148,8 @@ class DoPrTrainer(Trainer):
         """
         if self.optimizer is None:
             target = self.model if model is None else model
-            self.optimizer = dopr_from_args(target, self.args, **self.dopr_kwargs)
+            decay_names = self.get_decay_parameter_names(target)
+            self.optimizer = dopr_from_args(
+                target, self.args, decay_names=decay_names, **self.dopr_kwargs
+            )
         return self.optimizer
