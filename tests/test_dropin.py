@@ -480,3 +480,33 @@ def test_functional_use_of_a_weight_alongside_its_module_is_pooled_only_for_the_
     (layer(x).sum() + F.linear(x, layer.weight).sum()).backward()
     assert ap.layers[""].n == 4
     ap.precondition()
+
+
+def test_distributed_checkpoint_round_trip_with_the_preconditioner_saved_beside(tmp_path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = DoPr(model, lr=1e-2)
+    x = torch.randn(16, 4)
+    train_steps(model, opt, x, 3)
+    twin_model = copy.deepcopy(model)
+    with pytest.warns(UserWarning):  # DCP outside a process group
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    torch.save(opt.state_dict()["dopr"], tmp_path / "dopr.pt")
+
+    twin = DoPr(twin_model, lr=1e-2)
+    with pytest.warns(UserWarning):
+        state = {"optim": get_optimizer_state_dict(twin_model, twin)}
+        dcp.load(state, checkpoint_id=tmp_path)
+    with pytest.warns(UserWarning, match="no 'dopr' entry"):
+        set_optimizer_state_dict(twin_model, twin, state["optim"])
+    twin.preconditioner.load_state_dict(torch.load(tmp_path / "dopr.pt")["preconditioner"])
+    train_steps(model, opt, x, 2)
+    train_steps(twin_model, twin, x, 2)
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(p, q)

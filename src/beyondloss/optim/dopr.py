@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -436,7 +437,16 @@ class DoPr(Optimizer):
                 f"{[len(opt.param_groups) for opt in self.base_optimizers]}"
             )
         saved_ap = extra.get("preconditioner")
-        if (saved_ap is None) != (self.preconditioner is None):
+        if "dopr" not in state_dict and self.preconditioner is not None:
+            warnings.warn(
+                "this state dict has no 'dopr' entry (torch.distributed.checkpoint keeps only "
+                "'state' and 'param_groups'), so it holds no activation-preconditioner state: "
+                "the base optimizers' state is loaded and the preconditioner keeps its own; "
+                "restore it with opt.preconditioner.load_state_dict(saved['dopr']"
+                "['preconditioner']) from a saved opt.state_dict()",
+                stacklevel=2,
+            )
+        elif (saved_ap is None) != (self.preconditioner is None):
             raise ValueError(
                 "saved state and this optimizer disagree on activation_preconditioning"
             )
@@ -454,7 +464,7 @@ class DoPr(Optimizer):
                     ],
                 }
             )
-        if self.preconditioner is not None:
+        if self.preconditioner is not None and saved_ap is not None:
             self.preconditioner.load_state_dict(saved_ap)
         self._share_groups()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
