@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import pickle
+import warnings
 import weakref
 
 import pytest
@@ -147,6 +148,31 @@ def test_compiled_model_does_not_recompile_per_step_and_matches_eager() -> None:
     assert counter.frame_count <= 3  # recording on / off (and the first step), not per step
     for p, q in zip(model.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compiled_first", ["the same model", "another instance"])
+def test_models_compiled_before_dopr_was_built_still_record(compiled_first: str) -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    x = torch.randn(32, 8)
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    model = mlp()
+    compiled = torch.compile(model, backend=counter)
+    warm = compiled if compiled_first == "the same model" else torch.compile(mlp(), backend=counter)
+    warm(x).sum().backward()  # a graph without DoPr's hooks exists in dynamo's cache
+    model.zero_grad()
+    opt = DoPr(model, lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "received a gradient without recorded inputs"
+        train_steps(compiled, opt, x, 3)
+    assert all(state.sigma is not None for state in opt.preconditioner.layers.values())
     torch._dynamo.reset()
 
 

@@ -7,8 +7,7 @@ the local gradient rows equal the reference's, DoPr all-reduces the activation s
 every rank preconditions with the global Σ, and ``M_local = G_local P`` is the reference's M on
 the rank's rows. Parameters are gathered with ``full_tensor()`` after the steps and compared.
 
-All the cases expected to pass run in one spawned pair of processes (a module fixture); each
-known failure runs in its own pair and is marked ``xfail(strict=True)`` with its cause.
+All the cases run in one spawned pair of processes (a module fixture).
 """
 
 from __future__ import annotations
@@ -86,30 +85,12 @@ PASSING["adamw-exact-embedding-excluded-per_layer"] = case(
     "adamw", "exact", "per_layer", model="embedding", exclude=["0"]
 )
 
-GRAFTING_CAUSE = (
-    "grafting='grad_norm' rescales M by grad.norm() / m.norm() of the rank's local rows, not "
-    "of the whole layer, so each shard gets its own scale (the norms need an all-reduce)"
-)
-# Wrong values, no crash: trained in the shared processes, compared under xfail(strict).
-WRONG: dict[str, tuple[dict, str]] = {
-    f"{base}-exact-grafting-per_layer": (
-        case(base, "exact", "per_layer", grafting="grad_norm"),
-        GRAFTING_CAUSE,
+for base in ("adamw", "sgd"):
+    PASSING[f"{base}-exact-grafting-per_layer"] = case(
+        base, "exact", "per_layer", grafting="grad_norm"
     )
-    for base in ("adamw", "sgd")
-}
-
-EMPTY_SHARD_CAUSE = (
-    "a Linear with fewer output rows than ranks (here a 1-output head) leaves rank 1 an empty "
-    "(0, d_in) gradient shard; LayerHelper.weight_grad_matrix's grad.reshape(grad.shape[0], -1) "
-    "raises 'cannot reshape tensor of 0 elements into shape [0, -1]'"
-)
-FAILING: dict[str, tuple[dict, str]] = {
-    "adamw-exact-1-output-head": (
-        case("adamw", "exact", "per_layer", model="head1"),
-        EMPTY_SHARD_CAUSE,
-    ),
-}
+# A Linear with fewer output rows than ranks leaves rank 1 an empty (0, d_in) gradient shard.
+PASSING["adamw-exact-1-output-head"] = case("adamw", "exact", "per_layer", model="head1")
 
 
 # -- the model, the data and one training run (the same code in every process) ---------------
@@ -205,7 +186,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 # -- the tests -----------------------------------------------------------------------------
 
 
-SHARED = PASSING | {name: spec for name, (spec, _) in WRONG.items()}
+SHARED = PASSING
 
 
 @pytest.fixture(scope="module")
@@ -213,16 +194,7 @@ def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
     return run_fsdp(SHARED, tmp_path_factory.mktemp("fsdp"))
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        *PASSING,
-        *(
-            pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=cause))
-            for name, (_, cause) in WRONG.items()
-        ),
-    ],
-)
+@pytest.mark.parametrize("name", list(PASSING))
 def test_fsdp2_matches_one_process_on_the_concatenated_batch(
     name: str, fsdp_results: list[dict[str, Any]]
 ) -> None:
@@ -254,21 +226,6 @@ def test_block_diagonal_sigma_has_blocks_of_at_most_three(
     sigma = fsdp_results[0]["adamw-exact-blocks3-per_layer"]["sigma"]
     assert [b.shape[0] for b in sigma["0"]] == [3, 3, 1]  # d_in 6 + bias
     assert [b.shape[0] for b in sigma["2"]] == [3, 3]  # d_in 5 + bias
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=cause))
-        for name, (_, cause) in FAILING.items()
-    ],
-)
-def test_fsdp2_known_failures(name: str, tmp_path: Path) -> None:
-    spec = FAILING[name][0]
-    ranks = run_fsdp({name: spec}, tmp_path)
-    single = reference(spec)
-    for rank in ranks:
-        assert max_difference(rank[name]["params"], single["params"]) <= ATOL
 
 
 def test_fsdp2_sharded_embedding_is_refused_with_a_clear_error(tmp_path: Path) -> None:

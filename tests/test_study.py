@@ -248,6 +248,8 @@ def test_select_lr_ranks_diverged_configurations_last() -> None:
     assert select_lr(summaries, "m")["a"].lr == 0.2
     assert select_lr(summaries, "m", higher_is_better=True)["a"].lr == 0.1
     assert select_lr([summary(0.1, math.inf), summary(0.2, 5.0)], "m")["a"].lr == 0.2
+    diverged_before_any_rollout = Summary("a", 0.3, 1, {"val_loss": math.nan}, {})
+    assert select_lr([diverged_before_any_rollout, summary(0.1, 2.0)], "m")["a"].lr == 0.1
 
 
 def test_spec_defaults_and_run_ids() -> None:

@@ -123,8 +123,7 @@ class LayerHelper(ABC):
 
     def weight_grad_matrix(self) -> Tensor:
         """The weight gradient as a (d_out, d_in) matrix (local rows under FSDP2)."""
-        grad = local(self.module.weight.grad)
-        return grad.reshape(grad.shape[0], -1)
+        return local(self.module.weight.grad).flatten(1)  # (0, d_in) on an empty shard
 
     def grad_matrix(self, with_bias: bool) -> Tensor | None:
         """G, shape (d_out, d_in [+1]), or None when the weight received no gradient."""
@@ -267,13 +266,20 @@ class TransposedLinearHelper(LayerHelper):
         return _dense_moments(x.reshape(-1, self.in_features), columns)
 
     def weight_grad_matrix(self) -> Tensor:
-        return local(self.module.weight.grad).T
+        grad = self.module.weight.grad
+        if local(grad) is not grad:
+            raise NotImplementedError(
+                "activation preconditioning of a sharded (FSDP2) transposed linear layer "
+                "(weight stored d_in x d_out, sharded on its inputs) is not supported; leave "
+                "it to the base optimizer with DoPr(..., exclude=[<its module name>])"
+            )
+        return grad.T
 
     def set_grad_matrix(self, m: Tensor, with_bias: bool) -> None:
         d = self.in_features
-        local(self.module.weight.grad).copy_(m[:, :d].T)
+        self.module.weight.grad.copy_(m[:, :d].T)
         if with_bias:
-            local(self.bias.grad).copy_(m[:, d])
+            self.bias.grad.copy_(m[:, d])
 
 
 HELPERS: dict[type[nn.Module], type[LayerHelper]] = {

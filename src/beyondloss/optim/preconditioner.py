@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -61,6 +62,13 @@ from beyondloss.optim.layers import (
 from beyondloss.optim.linalg import Inverse, block_bounds, damped_inverse
 
 NOT_OPTIMIZED = "its parameters are not all held by the optimizer"
+
+# torch.compile skips guards on module hooks by default, so a model compiled before its
+# preconditioner was built — or another instance of the same class compiled earlier, whose
+# graph dynamo reuses — would run compiled code without the recording hooks, and AP would
+# silently lose its statistics. Guarding on hooks (set here, before anything is compiled)
+# makes adding or removing them recompile once instead.
+torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 
 @dataclass(eq=False)
@@ -141,6 +149,17 @@ class _InertHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         return None
+
+
+def _graft_scale(full_grad: Tensor, grad: Tensor, m: Tensor) -> Tensor:
+    """‖G‖ / ‖M‖ of the whole layer; under FSDP2 the squares of the local rows are summed."""
+    squares = torch.stack([grad.square().sum(), m.square().sum()])
+    placements = getattr(full_grad, "placements", ())
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_shard():
+            dist.all_reduce(squares, group=full_grad.device_mesh.get_group(mesh_dim))
+    g_norm, m_norm = squares.sqrt()
+    return g_norm / m_norm.clamp_min(torch.finfo(m.dtype).tiny)
 
 
 def _remove_hooks(handles: list) -> None:
@@ -363,7 +382,7 @@ class ActivationPreconditioner:
                 state.inverse_with_bias, state.stale = with_bias, False
             m = state.inverse.apply(grad)
             if self.config.grafting == "grad_norm":
-                m = m * (grad.norm() / m.norm().clamp_min(torch.finfo(m.dtype).tiny))
+                m = m * _graft_scale(state.helper.module.weight.grad, grad, m)
             updates.append((state, m, with_bias))
         self._check_finite(updates)
         for state, m, with_bias in updates:

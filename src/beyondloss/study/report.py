@@ -85,13 +85,14 @@ def select_lr(
 ) -> dict[str, Summary]:
     """For each optimizer, its configuration with the best mean ``metric`` over seeds.
 
-    A NaN mean ranks last. Ties go to the configuration listed first. Optimizers appear in
-    first-appearance order of ``summaries``.
+    A NaN or missing mean (every seed diverged before the metric was evaluated) ranks last.
+    Ties go to the configuration listed first. Optimizers appear in first-appearance order of
+    ``summaries``.
     """
     sign = -1.0 if higher_is_better else 1.0
 
     def rank(summary: Summary) -> float:
-        value = summary.mean[metric]
+        value = summary.mean.get(metric, math.nan)
         return math.inf if math.isnan(value) else sign * value
 
     best: dict[str, Summary] = {}
