@@ -536,3 +536,19 @@ def test_distributed_checkpoint_round_trip_with_the_preconditioner_saved_beside(
     train_steps(twin_model, twin, x, 2)
     for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_grad_scaler_steps_dopr_and_skips_steps_with_inf_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = DoPr(model, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x = torch.randn(16, 4)
+    for scale in (1.0, 1.0, float("inf")):
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean() * scale).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+    assert opt.preconditioner.steps == 2  # the inf step was skipped before DoPr saw it
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

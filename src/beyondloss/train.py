@@ -56,7 +56,10 @@ class TrainConfig:
     seed:
         Seeds the global RNGs of a fresh run and each epoch's shuffling order.
     grad_clip:
-        Maximum total gradient 2-norm per step, or ``None`` for no clipping.
+        Maximum total 2-norm of the *raw* gradient per step (``clip_grad_norm_`` before
+        ``optimizer.step()``), or ``None`` for no clipping. DoPr's activation preconditioner
+        acts after it and may enlarge the gradient; ``DoPr(..., max_grad_norm=c)`` clips the
+        preconditioned gradient instead.
     """
 
     epochs: int

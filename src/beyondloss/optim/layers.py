@@ -154,6 +154,18 @@ def _dense_moments(rows: Tensor, columns: Bounds) -> Moments:
         return second, z.sum(dim=0), z.shape[0]
 
 
+def _transposed_grad(module: nn.Module, kind: str) -> Tensor:
+    """``W.gradᵀ`` of a layer that stores W as (d_in, d_out) — which FSDP2 shards on its inputs,
+    where P cannot act on a shard, so a sharded gradient is refused."""
+    grad = module.weight.grad
+    if local(grad) is not grad:
+        raise NotImplementedError(
+            f"activation preconditioning of a sharded (FSDP2) {kind} is not supported; leave "
+            "it to the base optimizer with DoPr(..., exclude=[<its module name>])"
+        )
+    return grad.T
+
+
 class LinearHelper(LayerHelper):
     """``nn.Linear`` with any number of leading dimensions: rows are ``x.reshape(-1, d_in)``."""
 
@@ -239,13 +251,7 @@ class EmbeddingHelper(LayerHelper):
         return [second[0] / max(n, 1)]
 
     def weight_grad_matrix(self) -> Tensor:
-        grad = self.module.weight.grad
-        if local(grad) is not grad:
-            raise NotImplementedError(
-                "activation preconditioning of a sharded (FSDP2) nn.Embedding is not supported; "
-                "leave it to the base optimizer with DoPr(..., exclude=[<its module name>])"
-            )
-        return grad.T
+        return _transposed_grad(self.module, "nn.Embedding")
 
     def set_grad_matrix(self, m: Tensor, with_bias: bool) -> None:
         self.module.weight.grad.copy_(m.T)
@@ -266,14 +272,7 @@ class TransposedLinearHelper(LayerHelper):
         return _dense_moments(x.reshape(-1, self.in_features), columns)
 
     def weight_grad_matrix(self) -> Tensor:
-        grad = self.module.weight.grad
-        if local(grad) is not grad:
-            raise NotImplementedError(
-                "activation preconditioning of a sharded (FSDP2) transposed linear layer "
-                "(weight stored d_in x d_out, sharded on its inputs) is not supported; leave "
-                "it to the base optimizer with DoPr(..., exclude=[<its module name>])"
-            )
-        return grad.T
+        return _transposed_grad(self.module, "transposed linear layer")
 
     def set_grad_matrix(self, m: Tensor, with_bias: bool) -> None:
         d = self.in_features
