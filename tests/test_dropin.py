@@ -236,7 +236,7 @@ def test_reading_state_of_any_parameter_is_safe_with_two_bases() -> None:
     opt.state_dict()  # no KeyError
 
 
-@pytest.mark.parametrize("base", ["adamw", "muon"])
+@pytest.mark.parametrize("base", ["adamw", "sgd", "muon"])
 def test_add_param_group_trains_and_preconditions_a_new_head(base: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8))

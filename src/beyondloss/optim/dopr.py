@@ -253,10 +253,7 @@ class DoPr(Optimizer):
         if base == "sgd":
             kwargs = {"momentum": 0.9, **kwargs}
             groups = [self._sgd_group(g, weight_decay) for g in groups]
-            sgd = torch.optim.SGD(groups, lr=lr, weight_decay=0.0, **kwargs)
-            for group in sgd.param_groups:
-                group.setdefault(SGD_DECAY_KEY, weight_decay)
-            return [sgd]
+            return [torch.optim.SGD(groups, lr=lr, weight_decay=0.0, **kwargs)]
         muon_groups, adamw_groups = self._split_for_muon(groups)
         optimizers: list[Optimizer] = []
         if muon_groups:
@@ -272,9 +269,7 @@ class DoPr(Optimizer):
     def _sgd_group(group: dict[str, Any], weight_decay: float) -> dict[str, Any]:
         """An SGD group whose weight decay is DoPr's decoupled one (torch's SGD couples it)."""
         group = dict(group)
-        decay = group.pop("weight_decay", None)
-        if decay is not None:
-            group[SGD_DECAY_KEY] = decay
+        group[SGD_DECAY_KEY] = group.pop("weight_decay", weight_decay)
         return group
 
     def _split_for_muon(
@@ -315,7 +310,7 @@ class DoPr(Optimizer):
             super().add_param_group(param_group)  # during Optimizer.__init__ only
             return
         (group,) = _groups(self.model, [param_group])
-        if isinstance(self._base_class, str) and self._base_class == "muon":
+        if self._base_class == "muon":
             muon_groups, adamw_groups = self._split_for_muon([group])
             by_kind = {torch.optim.Muon: muon_groups, torch.optim.AdamW: adamw_groups}
             for kind, parts in by_kind.items():
@@ -330,13 +325,12 @@ class DoPr(Optimizer):
                 for part in parts:
                     owners[0].add_param_group(part)
             self._mirror_muon_betas(self.base_optimizers)
+        elif self._base_class == "sgd":
+            self.base_optimizers[0].add_param_group(
+                self._sgd_group(group, self.defaults["weight_decay"])
+            )
         else:
-            if self._base_class == "sgd":
-                group = self._sgd_group(group, self.defaults["weight_decay"])
             self.base_optimizers[0].add_param_group(group)
-            for g in self.base_optimizers[0].param_groups:
-                if self._base_class == "sgd":
-                    g.setdefault(SGD_DECAY_KEY, self.defaults["weight_decay"])
         self._share_groups()
         if self.preconditioner is not None:
             self.preconditioner.add_params(group["params"])
