@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,12 @@ def train(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, handle=
 
 def worker(rank: int, name: str, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
+    dist.init_process_group(  # a collective that waits on a dead peer fails in a minute
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=60),
     )
     model = make_model()
     ddp = DistributedDataParallel(model)

@@ -13,6 +13,7 @@ All the cases run in one spawned pair of processes (a module fixture).
 from __future__ import annotations
 
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,12 @@ def result(model: nn.Module, opt: DoPr) -> dict[str, Any]:
 
 def worker(rank: int, cases: dict[str, dict], init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
+    dist.init_process_group(  # a collective that waits on a dead peer fails in a minute
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=60),
     )
     try:
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from beyondloss.optim import APConfig
 from beyondloss.store import ResultsStore
 from beyondloss.study import StudyResult, StudySpec, Summary, run_study, select_lr, summarize, ttf
 from beyondloss.study.ttf import run_all
@@ -320,6 +321,10 @@ def test_a_diverged_run_is_recorded_and_ranked_last_not_fatal(tmp_path: Path) ->
         assert store.is_complete(run_id)
         assert store.curves(run_id)["diverged"] == [1.0]
     assert math.isnan(result.summaries[0].mean["val_loss"])
+
+
+def test_every_activation_preconditioner_setting_can_be_set_by_a_study() -> None:
+    assert set(ttf.DOPR_SETTINGS) == set(APConfig.field_names())
 
 
 def test_dopr_settings_tag_dopr_run_ids_and_drop_defaults() -> None:

@@ -18,14 +18,13 @@ from dataclasses import fields
 from pathlib import Path
 
 from beyondloss import __version__
-from beyondloss.optim.config import DAMPING_MODES, GRAFTING_MODES
+from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES
 from beyondloss.study.arguments import positive_int
 from beyondloss.study.posthoc_cli import add_posthoc_command
 from beyondloss.study.ttf import (
     DEFAULT_LRS,
     DEFAULT_SEEDS,
-    DOPR_DEFAULTS,
     DOPR_SETTINGS,
     StudySpec,
     run_all,
@@ -81,11 +80,21 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _unit_interval(text: str) -> float:
-    value = _non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be < 1, got {text!r}")
-    return value
+_PARSERS = {"float": float, "int": int, "str": str, "int | None": int}
+"""How the command line reads each annotated type of an APConfig field."""
+
+
+def _add_ap_arguments(group: argparse._ArgumentGroup) -> None:
+    """One flag per :class:`APConfig` field (``--cov-every``); the values are validated by
+    APConfig itself when the study spec is built, so no setting is checked here twice."""
+    for setting in fields(APConfig):
+        choices = setting.metadata.get("choices")
+        group.add_argument(
+            f"--{setting.name.replace('_', '-')}",
+            type=None if choices else _PARSERS[setting.type],
+            choices=choices,
+            help=f"{setting.metadata['help']} (default: {setting.default})",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,43 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     dopr = ttf.add_argument_group(
         "DoPr settings", "activation preconditioner of the dopr-* optimizers (default: DoPr's)"
     )
-    dopr.add_argument(
-        "--damping",
-        type=_non_negative_float,
-        help=f"relative ridge gamma (default: {DOPR_DEFAULTS['damping']:g})",
-    )
-    dopr.add_argument(
-        "--damping-mode",
-        choices=DAMPING_MODES,
-        help=f"ridge scale (default: {DOPR_DEFAULTS['damping_mode']})",
-    )
-    dopr.add_argument(
-        "--cov-every",
-        type=positive_int,
-        help=f"steps between activation statistics (default: {DOPR_DEFAULTS['cov_every']})",
-    )
-    dopr.add_argument(
-        "--inverse-every",
-        type=positive_int,
-        help=f"steps between inverse refreshes (default: {DOPR_DEFAULTS['inverse_every']})",
-    )
-    dopr.add_argument(
-        "--ema-decay",
-        type=_unit_interval,
-        help=f"EMA decay of the activation moment, in [0, 1) "
-        f"(default: {DOPR_DEFAULTS['ema_decay']:g})",
-    )
-    dopr.add_argument(
-        "--max-block-size",
-        type=positive_int,
-        help="largest diagonal block of a wide layer's Σ (default: dense Σ)",
-    )
-    dopr.add_argument(
-        "--grafting",
-        choices=GRAFTING_MODES,
-        help=f"step-length grafting of the preconditioned gradient "
-        f"(default: {DOPR_DEFAULTS['grafting']})",
-    )
+    _add_ap_arguments(dopr)
     ttf.add_argument(
         "--workers",
         type=positive_int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DAMPING_MODES = ("trace_over_dim", "trace")
@@ -56,20 +56,27 @@ class APConfig:
         ``"none"`` (the paper's update) or ``"grad_norm"``: each layer's preconditioned
         gradient is rescaled to the Frobenius norm of its raw gradient, ‖M‖ = ‖G‖, so that the
         step size of a base optimizer that is not scale-invariant (SGD) carries over.
-    max_grad_norm:
-        ``None`` or c > 0: after AP, all gradients the base optimizer sees (preconditioned or
-        not) are scaled together so their total 2-norm is at most c — a clip of the
-        preconditioned gradient, where ``clip_grad_norm_`` before ``step()`` clips the raw one.
     """
 
-    damping: float = 1e-3
-    damping_mode: str = "trace_over_dim"
-    ema_decay: float = 0.9
-    cov_every: int = 10
-    inverse_every: int = 10
-    max_block_size: int | None = None
-    grafting: str = "none"
-    max_grad_norm: float | None = None
+    damping: float = field(default=1e-3, metadata={"help": "relative ridge γ"})
+    damping_mode: str = field(
+        default="trace_over_dim", metadata={"help": "ridge scale", "choices": DAMPING_MODES}
+    )
+    ema_decay: float = field(
+        default=0.9, metadata={"help": "EMA decay of Σ across collections, in [0, 1)"}
+    )
+    cov_every: int = field(default=10, metadata={"help": "steps between activation statistics"})
+    inverse_every: int = field(default=10, metadata={"help": "steps between inverse refreshes"})
+    max_block_size: int | None = field(
+        default=None, metadata={"help": "largest diagonal block of a wide layer's Σ; None: dense Σ"}
+    )
+    grafting: str = field(
+        default="none",
+        metadata={
+            "help": "step-length grafting of the preconditioned gradient",
+            "choices": GRAFTING_MODES,
+        },
+    )
 
     def __post_init__(self) -> None:
         damping = _number(self.damping, "damping")
@@ -91,11 +98,6 @@ class APConfig:
             raise ValueError(
                 f"grafting must be one of {', '.join(GRAFTING_MODES)}, got {self.grafting!r}"
             )
-        if self.max_grad_norm is not None:
-            clip = _number(self.max_grad_norm, "max_grad_norm")
-            if not (math.isfinite(clip) and clip > 0.0):
-                raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
-            object.__setattr__(self, "max_grad_norm", clip)
         object.__setattr__(self, "damping", damping)
         object.__setattr__(self, "ema_decay", ema_decay)
 
