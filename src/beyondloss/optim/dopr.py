@@ -396,6 +396,8 @@ class DoPr(Optimizer):
             shape = "lazy" if f.shape is None else "x".join(map(str, f.shape)) or "scalar"
             frozen = "" if f.trainable else " [frozen]"
             lines.append(f"{f.name:<{width}}  {shape:<14} {f.base:<6} {f.preconditioning}{frozen}")
+        if self.preconditioner is not None:
+            lines.append(self.preconditioner.helpers_line())
         return "\n".join(lines)
 
     def __repr__(self) -> str:

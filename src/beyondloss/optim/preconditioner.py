@@ -462,11 +462,13 @@ class ActivationPreconditioner:
                 "not preconditioned: nn.MultiheadAttention uses it in a fused kernel, "
                 "not through a layer whose inputs can be recorded"
             )
+        return f"not preconditioned: no helper for {type(module).__name__}"
+
+    @staticmethod
+    def helpers_line() -> str:
+        """Which layer kinds have helpers, and how to add one (the footer of ``describe``)."""
         known = ", ".join([cls.__name__ for cls in HELPERS] + [*NAMED_HELPERS])
-        return (
-            f"not preconditioned: no helper for {type(module).__name__} (helpers: {known}; "
-            "add one with beyondloss.optim.layers.register_helper)"
-        )
+        return f"layer kinds with helpers: {known}; add one with optim.layers.register_helper"
 
     def describe(self) -> str:
         """A table of which layers are preconditioned (and Σ's form) and which are not, and why."""
@@ -475,7 +477,7 @@ class ActivationPreconditioner:
             module = self.model.get_submodule(name)
             kind = type(module).__name__
             lines.append(f"{name or '(root)':<40} {kind:<12} {self.layer_status(name)}")
-        return "\n".join(lines)
+        return "\n".join([*lines, self.helpers_line()])
 
     # -- state ----------------------------------------------------------------------------
 
