@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from beyondloss.optim.config import APConfig
+from beyondloss.optim.diagnostics import LayerSpectrum, layer_spectrum
 from beyondloss.optim.layers import (
     HELPERS,
     NAMED_HELPERS,
@@ -423,6 +424,21 @@ class ActivationPreconditioner:
             state.warned = True
 
     # -- description --------------------------------------------------------------------
+
+    def spectra(self) -> dict[str, LayerSpectrum]:
+        """The spectrum summary of each layer's current Σ (layers without Σ are left out)."""
+        return {
+            name: layer_spectrum(state.sigma, self.config.damping, self.config.damping_mode)
+            for name, state in self.layers.items()
+            if state.sigma is not None
+        }
+
+    def spectrum_metrics(self) -> dict[str, float]:
+        """:meth:`spectra` flattened for a results store: ``ap/<layer>/<field>`` → value."""
+        metrics: dict[str, float] = {}
+        for name, spectrum in self.spectra().items():
+            metrics |= spectrum.as_metrics(f"ap/{name or '(root)'}/")
+        return metrics
 
     def layer_status(self, name: str) -> str:
         """How layer ``name`` is treated, in words (for :meth:`describe` and ``DoPr``)."""

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
+from beyondloss.optim.preconditioner import ActivationPreconditioner
 from beyondloss.store import ResultsStore
 from beyondloss.study.report import (
     CI_LABEL,
@@ -555,6 +556,8 @@ def _run_one(job: _Job) -> None:
         _downstream(task, "val"),
         _downstream(task, "test"),
     ]
+    if optimizer.preconditioner is not None:
+        evaluators.append(_ap_spectra(optimizer.preconditioner))
     with ResultsStore(job.db) as store:
         store.add_run(
             job.run_id,
@@ -592,6 +595,17 @@ def _run_one(job: _Job) -> None:
             epoch = len(store.curves(job.run_id)["epoch"]) + 1
             store.log_epoch(job.run_id, epoch, {"val_loss": math.nan, "diverged": 1.0})
             store.mark_complete(job.run_id)
+
+
+def _ap_spectra(preconditioner: ActivationPreconditioner) -> Evaluator:
+    """Evaluator of the preconditioner's per-layer spectrum summary (``ap/<layer>/<field>``:
+    condition number, effective rank, amplification, ...; see ``beyondloss.optim.diagnostics``).
+    It reads Σ only, so the run's trajectory is unchanged."""
+
+    def evaluate(model: nn.Module, epoch: int) -> dict[str, float]:
+        return preconditioner.spectrum_metrics()
+
+    return evaluate
 
 
 def _downstream(task: Task, split: str) -> Evaluator:
