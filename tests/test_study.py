@@ -25,6 +25,7 @@ from torch.utils.data import TensorDataset
 from beyondloss.optim import APConfig
 from beyondloss.store import ResultsStore
 from beyondloss.study import StudyResult, StudySpec, Summary, run_study, select_lr, summarize, ttf
+from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.ttf import run_all
 from beyondloss.tasks import TASKS, Splits, make_task
 from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
@@ -404,7 +405,7 @@ def test_dopr_settings_name_new_dopr_runs_and_share_the_baselines(
     study: StudyResult, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # One run, trained in this process (the process pool is covered above).
-    monkeypatch.setattr(ttf, "_execute", lambda jobs, *_: [ttf._run_one(job) for job in jobs])
+    monkeypatch.setattr(ttf, "LocalExecutor", lambda workers: LocalExecutor(0))
     spec = replace(_spec(study.directory.parent), lrs=(LARGE_LR,), seeds=1)
     spec = replace(spec, dopr={"cov_every": 1, "inverse_every": 1})
     result = run_study(spec, progress=False)

@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import csv
 import math
-import multiprocessing
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -50,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from beyondloss.optim.factory import make_optimizer
 from beyondloss.posthoc.ensemble import Composition
@@ -59,6 +56,7 @@ from beyondloss.selection.curves import CurveBook, Curves, transform_curves
 from beyondloss.selection.posthoc import compare_selection, config_reversal
 from beyondloss.selection.reversal import reversal_table
 from beyondloss.store import ResultsStore
+from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.report import replacing
 from beyondloss.study.ttf import STORE_NAME
 from beyondloss.tasks.noisy_labels import (
@@ -282,19 +280,19 @@ def run_posthoc_study(
     paths: dict[str, list[Path]] = {}
     for job in jobs:
         paths.setdefault(config_name(job.lr, job.weight_decay), []).append(job.log_path)
-    with _pool(workers) as pool:
+    with LocalExecutor(workers) as pool:
         training = [(_run_one, job) for job in pending]
         names = [job.run_id for job in pending]
-        _run_all(pool, training, names, "training", progress, total=len(jobs))
+        pool.run(training, names, "training", progress, total=len(jobs))
         grid = {g: [_load(path, spec.epochs) for path in ps] for g, ps in paths.items()}
         tasks = [(g, c) for g in grid for c in transforms]
         names = [f"{c.name} of {g}" for g, c in tasks]
         if workers > 1:
             calls = [(_curves_one, tuple(paths[g]), c) for g, c in tasks]
-            computed = _run_all(pool, calls, names, "curves", progress)
+            computed = pool.run(calls, names, "curves", progress)
         else:
             calls = [(transform_curves, grid[g], c) for g, c in tasks]
-            computed = _run_all(None, calls, names, "curves", progress)
+            computed = LocalExecutor(0).run(calls, names, "curves", progress)
     book = _Book(grid, dict(zip(tasks, computed, strict=True)))
     default_name = config_name(*default)
     default_book = _Book({default_name: grid[default_name]}, book.computed)
@@ -369,64 +367,6 @@ def _load(path: Path, epochs: int) -> PosthocLog:
             "another out folder or another dataset name"
         )
     return log
-
-
-@contextmanager
-def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
-    """``workers`` spawned processes with one torch thread each; on an error in the block,
-    pending work is cancelled instead of waited for."""
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-
-
-def _run_all(
-    pool: ProcessPoolExecutor | None,
-    calls: Sequence[tuple[Any, ...]],
-    names: Sequence[str],
-    desc: str,
-    progress: bool,
-    total: int | None = None,
-) -> list[Any]:
-    """Results of ``fn(*args)`` for each ``(fn, *args)`` in ``calls``, in order, computed in
-    ``pool`` (one by one in this process when ``None``) under a tqdm bar over ``total`` items
-    of which ``len(calls)`` are still to do. A failure is raised as ``RuntimeError`` naming the
-    call by ``names``."""
-    total = len(calls) if total is None else total
-    results: list[Any] = [None] * len(calls)
-    if pool is None:
-        done: Iterator[tuple[int, Future]] = ((i, _call(call)) for i, call in enumerate(calls))
-    else:
-        futures = {pool.submit(*call): i for i, call in enumerate(calls)}
-        done = ((futures[future], future) for future in as_completed(futures))
-    with tqdm(total=total, initial=total - len(calls), desc=desc, disable=not progress) as bar:
-        for i, future in done:
-            try:
-                results[i] = future.result()
-            except Exception as error:
-                raise RuntimeError(f"{desc} {names[i]} failed: {error}") from error
-            bar.update()
-    return results
-
-
-def _call(call: tuple[Any, ...]) -> Future:
-    """``fn(*args)`` run now, as a finished future."""
-    future: Future = Future()
-    try:
-        future.set_result(call[0](*call[1:]))
-    except Exception as error:
-        future.set_exception(error)
-    return future
-
-
-def _init_worker() -> None:
-    """One torch thread per worker: runs stay reproducible and workers don't contend."""
-    torch.set_num_threads(1)
 
 
 @lru_cache(maxsize=1)

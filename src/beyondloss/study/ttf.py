@@ -27,23 +27,21 @@ does not depend on which worker ran it or on how many there are.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import time
 import traceback
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from beyondloss.optim.preconditioner import ActivationPreconditioner
 from beyondloss.store import ResultsStore
+from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.report import (
     CI_LABEL,
     GainRow,
@@ -368,7 +366,14 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
                     study=spec.study_of(optimizer),
                 )
             )
-        _execute(pending, spec.workers, progress, len(pending) + len(skipped), spec.name)
+        with LocalExecutor(min(spec.workers, len(pending))) as executor:
+            executor.run(
+                [(_run_one, job) for job in pending],
+                [f"run {job.run_id}" for job in pending],
+                spec.name,
+                progress,
+                total=len(pending) + len(skipped),
+            )
         curves = {
             (optimizer, lr, seed): store.curves(spec.run_id(optimizer, lr, seed))
             for optimizer, lr, seed in spec.grid()
@@ -509,36 +514,6 @@ def run_all(
     with replacing(directory / "summary.md") as path:
         path.write_text(markdown + "\n")
     return SuiteResult(directory, results, failures, markdown, wall_seconds)
-
-
-def _execute(jobs: list[_Job], workers: int, progress: bool, total: int, name: str) -> None:
-    """Train ``jobs`` in a spawned process pool, with a bar ``name`` over all ``total`` runs."""
-    bar = tqdm(total=total, initial=total - len(jobs), desc=name, unit="run", disable=not progress)
-    try:
-        if not jobs:
-            return
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(jobs)), mp_context=context, initializer=_init_worker
-        ) as pool:
-            futures = {pool.submit(_run_one, job): job.run_id for job in jobs}
-            try:
-                for future in as_completed(futures):
-                    try:
-                        future.result()
-                    except Exception as error:
-                        raise RuntimeError(f"run {futures[future]} failed: {error}") from error
-                    bar.update()
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    finally:
-        bar.close()
-
-
-def _init_worker() -> None:
-    """One torch thread per worker: runs stay bitwise reproducible and workers don't contend."""
-    torch.set_num_threads(1)
 
 
 def _run_one(job: _Job) -> None:

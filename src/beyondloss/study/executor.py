@@ -1,0 +1,97 @@
+"""Where a study's runs execute: the one process pool every study uses.
+
+A study hands its executor a list of calls ``(fn, *args)`` — module-level functions and
+picklable arguments, so that any backend can ship them — and gets their results back in order.
+:class:`LocalExecutor` is the embedded default: ``workers`` spawned processes with one torch
+thread each (runs stay bitwise reproducible and do not contend), or the calling process itself
+with ``workers=0``. A distributed backend is one more class with the same :meth:`run`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from types import TracebackType
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+Call = tuple[Any, ...]
+"""``(fn, *args)``: ``fn(*args)`` is what runs."""
+
+
+class LocalExecutor:
+    """Calls run in ``workers`` spawned processes (``0``: in this process), under a progress bar.
+
+    Use as a context manager; on an error inside the block, pending calls are cancelled instead
+    of waited for.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> LocalExecutor:
+        if self.workers > 0:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+            )
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=error is None, cancel_futures=error is not None)
+            self._pool = None
+
+    def run(
+        self,
+        calls: Sequence[Call],
+        names: Sequence[str],
+        desc: str,
+        progress: bool = True,
+        total: int | None = None,
+    ) -> list[Any]:
+        """Results of ``fn(*args)`` for each call, in order, under a bar over ``total`` items of
+        which ``len(calls)`` are still to do. A failure is raised as ``RuntimeError`` naming the
+        call by ``names``."""
+        total = len(calls) if total is None else total
+        results: list[Any] = [None] * len(calls)
+        if self._pool is None:
+            done: Iterator[tuple[int, Future]] = ((i, _now(call)) for i, call in enumerate(calls))
+        else:
+            futures = {self._pool.submit(*call): i for i, call in enumerate(calls)}
+            done = ((futures[future], future) for future in as_completed(futures))
+        with tqdm(total=total, initial=total - len(calls), desc=desc, disable=not progress) as bar:
+            for i, future in done:
+                try:
+                    results[i] = future.result()
+                except Exception as error:
+                    raise RuntimeError(f"{desc} {names[i]} failed: {error}") from error
+                bar.update()
+        return results
+
+
+def _now(call: Call) -> Future:
+    """``fn(*args)`` run now, as a finished future."""
+    future: Future = Future()
+    try:
+        future.set_result(call[0](*call[1:]))
+    except Exception as error:
+        future.set_exception(error)
+    return future
+
+
+def _init_worker() -> None:
+    """One torch thread per worker: runs stay bitwise reproducible and workers don't contend."""
+    torch.set_num_threads(1)
