@@ -113,7 +113,7 @@ def train(
     history: list[dict[str, float]] = []
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if checkpoint is not None and checkpoint.exists():
-        history = _resume(checkpoint, model, optimizer, config)
+        history = _resume(checkpoint, model, optimizer, config, evaluators)
     else:
         _seed_everything(config.seed)
     start = len(history)
@@ -142,7 +142,7 @@ def train(
         if store is not None and run_id is not None:
             store.log_epoch(run_id, epoch, {k: v for k, v in record.items() if k != "epoch"})
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, model, optimizer, config, history)
+            _save_checkpoint(checkpoint, model, optimizer, config, history, evaluators)
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
     bar.close()
 
@@ -271,8 +271,12 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     history: list[dict[str, float]],
+    evaluators: Sequence[Evaluator] = (),
 ) -> None:
-    """Write the checkpoint to a temporary file, fsync it, then rename it over ``path``."""
+    """Write the checkpoint to a temporary file, fsync it, then rename it over ``path``.
+
+    It holds the state of every checkpointable evaluator (one with ``state_dict``), in order.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "epoch": len(history),
@@ -281,6 +285,10 @@ def _save_checkpoint(
         "rng": _rng_state(),
         "config": asdict(config),
         "history": history,
+        "evaluators": [
+            evaluator.state_dict() if hasattr(evaluator, "state_dict") else None
+            for evaluator in evaluators
+        ],
     }
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as file:
@@ -296,12 +304,18 @@ def _save_checkpoint(
 
 
 def _resume(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    evaluators: Sequence[Evaluator] = (),
 ) -> list[dict[str, float]]:
-    """Load the checkpoint into ``model``, ``optimizer`` and the RNGs; return its history.
+    """Load the checkpoint into ``model``, ``optimizer``, the checkpointable evaluators and the
+    RNGs; return its history.
 
     Raises ``ValueError`` if the checkpoint was written under a different batch size, seed or
-    gradient clip, or already holds more epochs than ``config.epochs``.
+    gradient clip, already holds more epochs than ``config.epochs``, or holds evaluator state
+    that does not match ``evaluators``.
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved = payload["config"]
@@ -317,5 +331,15 @@ def _resume(
         )
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
+    states = payload.get("evaluators", [None] * len(evaluators))
+    stateful = [hasattr(evaluator, "state_dict") for evaluator in evaluators]
+    if len(states) != len(evaluators) or stateful != [s is not None for s in states]:
+        raise ValueError(
+            f"checkpoint {path} holds the state of {sum(s is not None for s in states)} of "
+            f"{len(states)} evaluators; this run has {sum(stateful)} of {len(evaluators)}"
+        )
+    for evaluator, state in zip(evaluators, states, strict=True):
+        if state is not None:
+            evaluator.load_state_dict(state, model)
     _set_rng_state(payload["rng"])
     return payload["history"]

@@ -1,0 +1,82 @@
+"""Evaluators with state: weight-space transforms judged by what they do when deployed.
+
+An evaluator is a callable ``(model, epoch) -> metrics`` that the training loop calls after
+each epoch (:data:`beyondloss.train.Evaluator`). One that also has ``state_dict()`` and
+``load_state_dict(state, model)`` is *checkpointable*: :func:`beyondloss.train.train` saves
+its state in every checkpoint and restores it on resume, so a killed run continues with, for
+example, the same weight average it had.
+
+:class:`WeightAverageEvaluator` folds the end-of-epoch weights into an SWA or EMA average
+(:mod:`beyondloss.posthoc.averaging`) and evaluates the *averaged* model with the task's own
+``evaluate``: a weight-averaged policy, flow, dynamics model or generator is rolled out exactly
+as the base model is, so post-hoc transforms are compared with the base on the deployed metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from beyondloss.posthoc.averaging import WeightAverage
+
+Deployment = Callable[[nn.Module], Mapping[str, float]]
+"""``model -> metrics``: how a model is judged when deployed, e.g. ``task.evaluate`` on a split."""
+
+
+class WeightAverageEvaluator:
+    """Metrics ``{name}_{metric}`` of the weight average ``average`` of the end-of-epoch models.
+
+    Parameters
+    ----------
+    name:
+        Prefix of the metrics, e.g. ``"swa"`` gives ``swa_val_vpt``.
+    average:
+        The averaging rule (:class:`~beyondloss.posthoc.averaging.SWA` or ``EMA``); its
+        ``start_epoch`` says from which epoch the end-of-epoch weights are folded in.
+    deployments:
+        ``{prefix: deployment}``, e.g. ``{"val": ..., "test": ...}``; each deployment's metrics
+        appear as ``{name}_{prefix}_{metric}``.
+    every:
+        Evaluate every ``every`` epochs (the average is still updated every epoch), and
+        always at ``last_epoch``; between, the evaluator returns no metrics.
+    last_epoch:
+        The run's last epoch, always evaluated.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        average: WeightAverage,
+        deployments: Mapping[str, Deployment],
+        every: int = 1,
+        last_epoch: int | None = None,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        self.name = name
+        self.average = average
+        self.deployments = dict(deployments)
+        self.every = every
+        self.last_epoch = last_epoch
+
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        self.average.update(model, epoch)
+        due = epoch % self.every == 0 or epoch == self.last_epoch
+        if not due or self.average.n_averaged == 0:
+            return {}
+        averaged = self.average.module
+        return {
+            f"{self.name}_{prefix}_{metric}": float(value)
+            for prefix, deploy in self.deployments.items()
+            for metric, value in deploy(averaged).items()
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average's state (tensors and plain values only)."""
+        return self.average.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Restore the average; ``model`` is the run's model, used as the template."""
+        self.average.load_state_dict(state, model)
