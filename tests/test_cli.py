@@ -58,7 +58,8 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
         "ttf", "lorenz", "--size", "full", "--optimizers", "sgd, dopr-sgd", "--seeds", "2",
         "--lrs", "1e-3,3e-2", "--weight-decay", "0.01", "--workers", "1", "--out", "elsewhere",
         "--no-progress", "--damping", "0.01", "--damping-mode", "trace", "--cov-every", "10",
-        "--inverse-every", "20", "--ema-decay", "0.9",
+        "--inverse-every", "20", "--ema-decay", "0.9", "--transforms", "swa,ema",
+        "--transform-every", "2",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     [(spec, progress, command)] = specs
@@ -76,13 +77,16 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
             "inverse_every": 20,
             "ema_decay": 0.9,
         },
+        transforms=("swa", "ema"),
+        transform_every=2,
         workers=1,
         out=Path("elsewhere"),
     )
     assert not progress
     assert command == "beyondloss ttf lorenz --size full --optimizers 'sgd, dopr-sgd' " + (
         "--seeds 2 --lrs 1e-3,3e-2 --weight-decay 0.01 --workers 1 --out elsewhere --no-progress "
-        "--damping 0.01 --damping-mode trace --cov-every 10 --inverse-every 20 --ema-decay 0.9"
+        "--damping 0.01 --damping-mode trace --cov-every 10 --inverse-every 20 --ema-decay 0.9 "
+        "--transforms swa,ema --transform-every 2"
     )
 
 
@@ -100,6 +104,8 @@ def test_ttf_all_passes_the_options_to_run_all_and_prints_the_summary(
         "seeds": None,
         "weight_decay": 0.0,
         "dopr": {"cov_every": 4},
+        "transforms": (),
+        "transform_every": 1,
         "workers": 2,
         "out": Path("runs"),
     }

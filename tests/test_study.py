@@ -455,3 +455,23 @@ def test_run_all_studies_every_registered_task_and_survives_a_failure(
     assert suite.results["linear"].tables["dopr_vs_base"] in summary
     assert suite.results["linear"].tables["kendall"] in summary
     assert "## broken\n\nFailed: `RuntimeError: run broken-quick-sgd failed: boom`" in summary
+
+
+def test_weight_average_transforms_are_rolled_out_and_selected_post_hoc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ttf, "LocalExecutor", lambda workers: LocalExecutor(0))
+    spec = replace(_spec(tmp_path), seeds=1, transforms=("swa", "ema"))
+    assert spec.run_id("sgd", LARGE_LR, 0) == "linear-quick-sgd-lr0.1-swa+ema-s0"
+    result = run_study(spec, progress=False)
+    with ResultsStore(spec.out / "beyondloss.db") as store:
+        curves = store.curves(spec.run_id("dopr-sgd", LARGE_LR, 0))
+    # SWA over the second half of 2 epochs averages the last snapshot alone: the base model.
+    assert curves["swa_test_score"][-1] == curves["test_score"][-1]
+    assert curves["ema_test_score"][-1] != curves["test_score"][-1]
+    assert "swa_val_score" in curves and "ema_test_err" in curves
+    markdown = (result.directory / "table.md").read_text()
+    assert "## Weight averages, judged by their rollouts" in markdown
+    assert "post-hoc selection for EMA" in markdown
+    with pytest.raises(ValueError, match="transforms must be distinct names among swa, ema"):
+        StudySpec("linear", transforms=("swa", "tta"))

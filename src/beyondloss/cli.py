@@ -26,6 +26,7 @@ from beyondloss.study.ttf import (
     DEFAULT_LRS,
     DEFAULT_SEEDS,
     DOPR_SETTINGS,
+    TRANSFORMS,
     StudySpec,
     run_all,
     run_study,
@@ -159,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS["weight_decay"],
         help="decoupled weight decay (default: %(default)s)",
     )
+    ttf.add_argument(
+        "--transforms",
+        type=_names,
+        default=(),
+        metavar="NAMES",
+        help=f"weight averages rolled out beside the base model, some of "
+        f"{','.join(TRANSFORMS)} (default: none)",
+    )
+    ttf.add_argument(
+        "--transform-every",
+        type=positive_int,
+        default=_DEFAULTS["transform_every"],
+        help="evaluate the transforms every K epochs and at the last (default: %(default)s)",
+    )
     dopr = ttf.add_argument_group(
         "DoPr settings", "activation preconditioner of the dopr-* optimizers (default: DoPr's)"
     )
@@ -196,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dopr": {
             key: getattr(args, key) for key in DOPR_SETTINGS if getattr(args, key) is not None
         },
+        "transforms": tuple(args.transforms),
+        "transform_every": args.transform_every,
         "workers": args.workers,
         "out": args.out,
     }

@@ -37,9 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from beyondloss.evaluation import WeightAverageEvaluator
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from beyondloss.optim.preconditioner import ActivationPreconditioner
+from beyondloss.posthoc.averaging import EMA, SWA
 from beyondloss.store import ResultsStore
 from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.report import (
@@ -79,6 +81,12 @@ DEFAULT_SEEDS = {"quick": 3, "full": 5}
 
 STORE_NAME = "beyondloss.db"
 """File name of the results store inside ``spec.out``."""
+
+TRANSFORMS = ("swa", "ema")
+"""Weight-space transforms a study evaluates beside the base model (see ``StudySpec``)."""
+
+EMA_DECAY = 0.9
+"""Per-epoch decay of the ``"ema"`` transform (a window of about 10 epochs)."""
 
 DOPR_SETTINGS = {
     "damping": "damp",
@@ -126,6 +134,15 @@ class StudySpec:
         unset keys keep DoPr's defaults. Kept without the
         entries equal to :data:`DOPR_DEFAULTS`, so a default spelled out names the same runs.
         Needs a ``dopr-*`` optimizer.
+    transforms:
+        Weight-space transforms evaluated every epoch beside the base model, some of
+        :data:`TRANSFORMS`: ``"swa"`` (uniform average of the end-of-epoch weights of the second
+        half of training) and ``"ema"`` (exponential average, decay :data:`EMA_DECAY` per
+        epoch). The averaged model is rolled out by the task's own ``evaluate`` on val and test
+        (metrics ``swa_val_<metric>``, ...). They tag the run ids of every optimizer.
+    transform_every:
+        Evaluate the transforms every ``transform_every`` epochs and at the last (the averages
+        are updated every epoch).
     workers:
         Processes training runs in parallel, one torch thread each.
     out:
@@ -139,6 +156,8 @@ class StudySpec:
     seeds: int | None = None
     weight_decay: float = 0.0
     dopr: DoprSettings = field(default_factory=dict, hash=False)
+    transforms: tuple[str, ...] = ()
+    transform_every: int = 1
     workers: int = 2
     out: Path = field(default=Path("runs"))
 
@@ -177,9 +196,18 @@ class StudySpec:
                 f"dopr settings {dict(dopr)} apply to dopr-* optimizers only; none among "
                 f"{list(optimizers)}"
             )
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
+        transforms = tuple(self.transforms)
+        if len(set(transforms)) != len(transforms) or not set(transforms) <= set(TRANSFORMS):
+            raise ValueError(
+                f"transforms must be distinct names among {', '.join(TRANSFORMS)}, "
+                f"got {list(transforms)}"
+            )
+        for name in ("transform_every", "workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         object.__setattr__(self, "optimizers", optimizers)
+        object.__setattr__(self, "transforms", transforms)
         object.__setattr__(self, "lrs", lrs)
         object.__setattr__(self, "seeds", seeds)
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
@@ -199,8 +227,9 @@ class StudySpec:
     @property
     def suffix(self) -> str:
         """What the study name adds after ``ttf-<task>-<size>``: ``-wd<value>`` if weight decay,
-        then the tags of the DoPr settings (``-cov10-inv10-ema0.9``); empty for neither."""
-        return self._decay_tag + self._dopr_tag
+        the transforms (``-swa+ema``, ``-every2``), then the tags of the DoPr settings
+        (``-cov10-inv10-ema0.9``); empty for none."""
+        return self._base_tag + self._dopr_tag
 
     @property
     def name(self) -> str:
@@ -218,12 +247,13 @@ class StudySpec:
         without DoPr tags for a plain optimizer (whose runs the DoPr settings do not change)."""
         if _is_dopr(optimizer):
             return self.name
-        return f"ttf-{self.task}-{self.size}{self._decay_tag}"
+        return f"ttf-{self.task}-{self.size}{self._base_tag}"
 
     def run_id(self, optimizer: str, lr: float, seed: int) -> str:
         """Run id, e.g. ``lorenz-quick-dopr-adamw-lr0.003-s0``: ``-wd<value>`` before the seed
-        if weight decay, then for ``dopr-*`` optimizers the DoPr tags (``-cov10``)."""
-        tags = self._decay_tag + (self._dopr_tag if _is_dopr(optimizer) else "")
+        if weight decay, the transforms' tag, then for ``dopr-*`` optimizers the DoPr tags
+        (``-cov10``)."""
+        tags = self._base_tag + (self._dopr_tag if _is_dopr(optimizer) else "")
         return f"{self.task}-{self.size}-{optimizer}-lr{format_lr(lr)}{tags}-s{seed}"
 
     def grid(self) -> Iterator[tuple[str, float, int]]:
@@ -234,8 +264,13 @@ class StudySpec:
                     yield optimizer, lr, seed
 
     @property
-    def _decay_tag(self) -> str:
-        return f"-wd{self.weight_decay:g}" if self.weight_decay else ""
+    def _base_tag(self) -> str:
+        """Tags of the settings that change every optimizer's runs: weight decay, transforms."""
+        tag = f"-wd{self.weight_decay:g}" if self.weight_decay else ""
+        if self.transforms:
+            tag += "-" + "+".join(self.transforms)
+            tag += f"-every{self.transform_every}" if self.transform_every != 1 else ""
+        return tag
 
     @property
     def _dopr_tag(self) -> str:
@@ -330,6 +365,8 @@ class _Job:
     run_dir: Path
     db: Path
     study: str
+    transforms: tuple[str, ...] = ()
+    transform_every: int = 1
 
 
 def run_study(spec: StudySpec, progress: bool = True, command: str | None = None) -> StudyResult:
@@ -364,6 +401,8 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
                     run_dir=spec.out / spec.study_of(optimizer) / "runs" / run_id,
                     db=db,
                     study=spec.study_of(optimizer),
+                    transforms=spec.transforms,
+                    transform_every=spec.transform_every,
                 )
             )
         with LocalExecutor(min(spec.workers, len(pending))) as executor:
@@ -398,7 +437,11 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     }
     gains = paired_gains(finals, selections, [test_primary, "val_loss"], directions)
     agreement = [mismatch(curves, name, higher) for name in (primary, test_primary)]
+    for name in spec.transforms:
+        directions |= {f"{name}_{metric}": better for metric, better in directions.items()
+                       if metric != "val_loss" and not metric.startswith(TRANSFORMS)}
     tables = {
+        "transforms": _transforms_table(spec, summaries, by_val_loss, task, directions),
         "val_loss": markdown_table(list(by_val_loss.values()), metrics, directions),
         "downstream": markdown_table(list(by_downstream.values()), metrics, directions),
         "dopr_vs_base": gains_table(gains, [test_primary, "val_loss"], directions),
@@ -531,6 +574,7 @@ def _run_one(job: _Job) -> None:
         _downstream(task, "val"),
         _downstream(task, "test"),
     ]
+    evaluators += _transform_evaluators(task, job)
     if optimizer.preconditioner is not None:
         evaluators.append(_ap_spectra(optimizer.preconditioner))
     with ResultsStore(job.db) as store:
@@ -549,7 +593,12 @@ def _run_one(job: _Job) -> None:
                 "epochs": task.epochs,
                 "batch_size": task.batch_size,
             }
-            | ({"dopr": job.dopr} if job.dopr else {}),
+            | ({"dopr": job.dopr} if job.dopr else {})
+            | (
+                {"transforms": list(job.transforms), "transform_every": job.transform_every}
+                if job.transforms
+                else {}
+            ),
         )
         try:
             train(
@@ -570,6 +619,21 @@ def _run_one(job: _Job) -> None:
             epoch = len(store.curves(job.run_id)["epoch"]) + 1
             store.log_epoch(job.run_id, epoch, {"val_loss": math.nan, "diverged": 1.0})
             store.mark_complete(job.run_id)
+
+
+def _transform_evaluators(task: Task, job: _Job) -> list[Evaluator]:
+    """The weight averages ``job.transforms`` asks for, each rolled out on val and test."""
+    averages = {"swa": lambda: SWA(start_epoch=task.epochs // 2 + 1), "ema": lambda: EMA(EMA_DECAY)}
+    deployments = {
+        "val": lambda model: task.evaluate(model, "val", primary_only=True),
+        "test": lambda model: task.evaluate(model, "test"),
+    }
+    return [
+        WeightAverageEvaluator(
+            name, averages[name](), deployments, job.transform_every, last_epoch=task.epochs
+        )
+        for name in job.transforms
+    ]
 
 
 def _ap_spectra(preconditioner: ActivationPreconditioner) -> Evaluator:
@@ -596,6 +660,39 @@ def _downstream(task: Task, split: str) -> Evaluator:
         return {f"{split}_{name}": value for name, value in metrics.items()}
 
     return evaluate
+
+
+def _transforms_table(
+    spec: StudySpec,
+    summaries: list[Summary],
+    by_val_loss: Mapping[str, Summary],
+    task: Task,
+    directions: Mapping[str, bool],
+) -> str:
+    """Test primary metric of the base model and of each transform, each optimizer at the lr
+    its criterion selects: val loss (naive), then each transform's own val metric (post-hoc)."""
+    if not spec.transforms:
+        return ""
+    higher = task.higher_is_better[task.primary_metric]
+    test = [f"test_{task.primary_metric}"]
+    test += [f"{name}_test_{task.primary_metric}" for name in spec.transforms]
+    blocks = [
+        "Each optimizer at its val-loss-selected learning rate (naive selection):",
+        "",
+        markdown_table(list(by_val_loss.values()), test, directions),
+    ]
+    for name in spec.transforms:
+        criterion = f"{name}_val_{task.primary_metric}"
+        chosen = select_lr(summaries, criterion, higher_is_better=higher)
+        blocks += [
+            "",
+            f"Each optimizer at the learning rate with the best `{criterion}` (post-hoc "
+            f"selection for {name.upper()}):",
+            "",
+            markdown_table(list(chosen.values()), [f"{name}_test_{task.primary_metric}"],
+                           directions),
+        ]
+    return "\n".join(blocks)
 
 
 def _table_metrics(
@@ -681,6 +778,20 @@ def _markdown(
     else:
         lines += ["No optimizer X ran together with dopr-X.", ""]
     lines += [
+        *(
+            [
+                "## Weight averages, judged by their rollouts",
+                "",
+                f"SWA averages the end-of-epoch weights from epoch {task.epochs // 2 + 1} on, "
+                f"EMA with decay {EMA_DECAY} per epoch; the averaged model is evaluated by the "
+                "task's own rollouts, like the base model.",
+                "",
+                tables["transforms"],
+                "",
+            ]
+            if spec.transforms
+            else []
+        ),
         "## Val loss vs downstream metric",
         "",
         _KENDALL_TEXT,
