@@ -129,6 +129,7 @@ class DoPr(Optimizer):
               λ ← γ tr(Σ_ℓ)/dim  (damping_mode "trace": γ tr(Σ_ℓ))
               P_ℓ ← (Σ_ℓ + λI)⁻¹, block by block when dim > B
             M_ℓ ← G_ℓ P_ℓ                      # AP; ‖M_ℓ‖ ← ‖G_ℓ‖ with grafting="grad_norm"
+          if some M_ℓ is not finite: raise FloatingPointError   # nothing has changed yet
           other parameters: M = G
           if max_grad_norm: M ← M · min(1, max_grad_norm / ‖M‖_total)
           D ← GP(M)                            # Adam moments / Muon momentum + Newton–Schulz /
@@ -141,7 +142,8 @@ class DoPr(Optimizer):
     cannot take: biases, embeddings, convolutions, norm gains, shared weights and the output
     head (the last ``nn.Linear`` registered, plus modules matching ``adamw_modules``). AP still
     applies to every supported weight before either. Muon groups also carry ``betas``, whose
-    first entry is Muon's momentum, so momentum schedulers (OneCycleLR, CyclicLR) cycle both.
+    first entry is Muon's momentum (it is copied into ``momentum`` at every step), so momentum
+    schedulers (OneCycleLR, CyclicLR) cycle both parts.
 
     With ``activation_preconditioning=False`` the optimizer is exactly its base GP; the
     baselines of a study use it so that both arms run the same code and differ only by AP.
