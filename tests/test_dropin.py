@@ -552,3 +552,19 @@ def test_grad_scaler_steps_dopr_and_skips_steps_with_inf_gradients() -> None:
         scaler.update()
     assert opt.preconditioner.steps == 2  # the inf step was skipped before DoPr saw it
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_hook_guards_are_set_when_the_compiler_is_imported_after_the_preconditioner() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from beyondloss.optim import ActivationPreconditioner\n"
+        "ActivationPreconditioner(torch.nn.Linear(2, 2))\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "import torch._dynamo\n"
+        "assert not torch._dynamo.config.skip_nnmodule_hook_guards\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

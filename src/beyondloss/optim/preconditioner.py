@@ -46,10 +46,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch._dynamo
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from beyondloss.optim.compile_guards import guard_module_hooks
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.diagnostics import LayerSpectrum, layer_spectrum
 from beyondloss.optim.layers import (
@@ -63,13 +63,6 @@ from beyondloss.optim.layers import (
 from beyondloss.optim.linalg import Inverse, block_bounds, damped_inverse
 
 NOT_OPTIMIZED = "its parameters are not all held by the optimizer"
-
-# torch.compile skips guards on module hooks by default, so a model compiled before its
-# preconditioner was built — or another instance of the same class compiled earlier, whose
-# graph dynamo reuses — would run compiled code without the recording hooks, and AP would
-# silently lose its statistics. Guarding on hooks (set here, before anything is compiled)
-# makes adding or removing them recompile once instead.
-torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 
 @dataclass(eq=False)
@@ -262,6 +255,7 @@ class ActivationPreconditioner:
         self._register()
 
     def _attach_hooks(self, states: Iterable[_LayerState]) -> None:
+        guard_module_hooks()
         for state in states:
             hooks = state.helper.module._forward_pre_hooks
             for key, hook in list(hooks.items()):
