@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_ranks import WORLD_SIZE, init_rank
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from beyondloss.optim import make_optimizer
 
-WORLD_SIZE = 2
 STEPS = 5
 
 
@@ -41,14 +40,7 @@ def train(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, handle=
 
 
 def worker(rank: int, name: str, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(  # a collective that waits on a dead peer fails in a minute
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
-    )
+    init_rank(rank, init_file)
     model = make_model()
     ddp = DistributedDataParallel(model)
     x, y = make_batch()

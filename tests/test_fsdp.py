@@ -13,7 +13,6 @@ All the cases run in one spawned pair of processes (a module fixture).
 from __future__ import annotations
 
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_ranks import WORLD_SIZE, init_rank
 from torch import nn
 
 from beyondloss.optim import DoPr
@@ -34,7 +34,6 @@ try:
 except ImportError:  # pragma: no cover - torch without FSDP2
     pytest.skip("torch.distributed.fsdp.fully_shard is not available", allow_module_level=True)
 
-WORLD_SIZE = 2
 BATCH = 8  # global rows per step; rank r takes [4r, 4r + 4)
 STEPS = 5
 ATOL = 1e-10  # fp64: only the summation order of the Σ all-reduce and FSDP's mean differ
@@ -142,14 +141,7 @@ def result(model: nn.Module, opt: DoPr) -> dict[str, Any]:
 
 
 def worker(rank: int, cases: dict[str, dict], init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(  # a collective that waits on a dead peer fails in a minute
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
-    )
+    init_rank(rank, init_file)
     try:
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
         rows = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
