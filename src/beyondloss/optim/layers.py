@@ -257,19 +257,17 @@ class EmbeddingHelper(LayerHelper):
         self.module.weight.grad.copy_(m.T)
 
 
-class TransposedLinearHelper(LayerHelper):
+class TransposedLinearHelper(LinearHelper):
     """A linear layer that stores its weight as (d_in, d_out) and computes ``y = x W + b``.
 
     HuggingFace's ``transformers.pytorch_utils.Conv1D`` (GPT-2's attention and MLP projections)
-    is one. In the linear convention ``G = W.gradᵀ``, so ``M`` is written back transposed.
+    is one. Its rows are a Linear's; in the linear convention ``G = W.gradᵀ``, so ``M`` is
+    written back transposed.
     """
 
     @property
     def in_features(self) -> int:
         return self.module.weight.shape[0]
-
-    def moments(self, x: Tensor, columns: Bounds) -> Moments:
-        return _dense_moments(x.reshape(-1, self.in_features), columns)
 
     def weight_grad_matrix(self) -> Tensor:
         return _transposed_grad(self.module, "transposed linear layer")

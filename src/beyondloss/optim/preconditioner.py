@@ -42,7 +42,7 @@ import warnings
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,12 +83,16 @@ class _LayerState:
     stale: bool = False  # Σ changed since `inverse` was computed
     taken_over: bool = False  # another preconditioner now records this layer
     warned: bool = False
-    _hook_key: int | None = field(default=None, repr=False)
 
-    def record(self, x: Tensor) -> None:
+    def columns(self) -> Bounds:
+        """The weight-column blocks of Σ; the block bounds are fixed at first use (a lazy
+        layer knows its width only after its first forward)."""
         if self.bounds is None:
             self.bounds = block_bounds(self.helper.dim, self.max_block_size)
-        second, first, n = self.helper.moments(x, self.helper.columns(self.bounds))
+        return self.helper.columns(self.bounds)
+
+    def record(self, x: Tensor) -> None:
+        second, first, n = self.helper.moments(x, self.columns())
         if self.second is None:
             self.second, self.first = second, first
         else:
@@ -100,9 +104,7 @@ class _LayerState:
     def zero_moments(self) -> tuple[list[Tensor], Tensor | None]:
         weight = self.helper.module.weight
         like = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
-        if self.bounds is None:
-            self.bounds = block_bounds(self.helper.dim, self.max_block_size)
-        columns = self.helper.columns(self.bounds)
+        columns = self.columns()
         if self.helper.diagonal:
             return [torch.zeros(self.helper.in_features, **like)], None
         blocks = [torch.zeros(stop - start, stop - start, **like) for start, stop in columns]

@@ -437,9 +437,12 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     }
     gains = paired_gains(finals, selections, [test_primary, "val_loss"], directions)
     agreement = [mismatch(curves, name, higher) for name in (primary, test_primary)]
-    for name in spec.transforms:
-        directions |= {f"{name}_{metric}": better for metric, better in directions.items()
-                       if metric != "val_loss" and not metric.startswith(TRANSFORMS)}
+    directions |= {
+        f"{name}_{metric}": better
+        for name in spec.transforms
+        for metric, better in directions.items()
+        if metric != "val_loss"
+    }
     tables = {
         "transforms": _transforms_table(spec, summaries, by_val_loss, task, directions),
         "val_loss": markdown_table(list(by_val_loss.values()), metrics, directions),
@@ -621,9 +624,17 @@ def _run_one(job: _Job) -> None:
             store.mark_complete(job.run_id)
 
 
+def swa_start(epochs: int) -> int:
+    """First epoch of the ``"swa"`` transform: SWA averages the second half of training."""
+    return epochs // 2 + 1
+
+
 def _transform_evaluators(task: Task, job: _Job) -> list[Evaluator]:
     """The weight averages ``job.transforms`` asks for, each rolled out on val and test."""
-    averages = {"swa": lambda: SWA(start_epoch=task.epochs // 2 + 1), "ema": lambda: EMA(EMA_DECAY)}
+    averages = {
+        "swa": lambda: SWA(start_epoch=swa_start(task.epochs)),
+        "ema": lambda: EMA(EMA_DECAY),
+    }
     deployments = {
         "val": lambda model: task.evaluate(model, "val", primary_only=True),
         "test": lambda model: task.evaluate(model, "test"),
@@ -782,7 +793,7 @@ def _markdown(
             [
                 "## Weight averages, judged by their rollouts",
                 "",
-                f"SWA averages the end-of-epoch weights from epoch {task.epochs // 2 + 1} on, "
+                f"SWA averages the end-of-epoch weights from epoch {swa_start(task.epochs)} on, "
                 f"EMA with decay {EMA_DECAY} per epoch; the averaged model is evaluated by the "
                 "task's own rollouts, like the base model.",
                 "",
