@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed_ranks import WORLD_SIZE, init_rank
+from distributed_ranks import WORLD_SIZE, finish_rank, init_rank
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -47,7 +46,7 @@ def worker(rank: int, name: str, init_file: str, out_dir: str) -> None:
     shard = slice(rank * len(x) // WORLD_SIZE, (rank + 1) * len(x) // WORLD_SIZE)
     train(model, name, x[shard], y[shard], handle=ddp)
     torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    finish_rank()
 
 
 @pytest.mark.parametrize("name", ["sgd", "dopr-sgd", "dopr-adamw"])

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed_ranks import WORLD_SIZE, init_rank
+from distributed_ranks import WORLD_SIZE, finish_rank, init_rank
 from torch import nn
 
 from beyondloss.optim import DoPr
@@ -158,9 +158,9 @@ def worker(rank: int, cases: dict[str, dict], init_file: str, out_dir: str) -> N
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     except Exception:
         (Path(out_dir) / f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    finish_rank()
 
 
 def run_fsdp(cases: dict[str, dict], out_dir: Path) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from beyondloss.tasks.noisy_labels import (
     TABULAR,
     add_label_noise,
     class_dependent_noise,
+    make_noisy_task,
     mlp,
     pair_flip_map,
     stratified_split,
@@ -109,3 +110,42 @@ def test_tabular_subset_and_model_shapes() -> None:
     assert (data.n_features, data.n_classes, len(data.train)) == (20, 4, 100)
     model = mlp(data.n_features, data.n_classes, hidden=(8,))
     assert model(data.val.inputs).shape == (100, 4)
+
+
+def test_noisy_label_classification_is_a_registered_task() -> None:
+    from beyondloss.metrics.classification import classification_metrics, error_rate, nll
+    from beyondloss.tasks import TASKS, Task, make_task
+
+    assert {"noisy-digits", "noisy-tabular"} <= set(TASKS)
+    task = make_task("noisy-digits", "quick")
+    assert isinstance(task, Task)
+    assert task.epochs == 40 and task.batch_size == 32
+    assert make_task("noisy-digits", "full").epochs == 150
+    assert make_task("noisy-tabular", "quick").kind == "class"
+    splits = task.splits()
+    data = task.data()
+    assert torch.equal(splits.val.tensors[1], data.val.labels)  # selection sees noisy labels
+    torch.manual_seed(0)
+    model = task.make_model()
+    logits = model(data.test.inputs).detach()
+    metrics = task.evaluate(model, "test")
+    assert metrics == pytest.approx(
+        classification_metrics(logits, data.test.labels)
+        | {
+            "clean_error": error_rate(logits, data.test.clean_labels),
+            "clean_nll": nll(logits, data.test.clean_labels),
+        },
+        abs=1e-6,
+    )
+    assert set(metrics) == set(task.higher_is_better)
+    assert task.evaluate(model, "val", primary_only=True) == {
+        "error": task.evaluate(model, "val")["error"]
+    }
+    batch = next(iter(torch.utils.data.DataLoader(splits.train, batch_size=8)))
+    assert float(task.loss(model, batch)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(model(batch[0]), batch[1]))
+    )
+    with pytest.raises(ValueError, match="split must be"):
+        task.evaluate(model, "train")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        make_noisy_task("quick", 0, dataset="mnist")

@@ -1,4 +1,6 @@
-"""Test-time-feedback tasks and the registry that names them on the command line.
+"""Tasks and the registry that names them on the command line: the test-time-feedback tasks
+(rollouts) and classification under label noise (``noisy-*``, the post-hoc reversal setting:
+digits with 40 % symmetric noise, tabular with 30 % class-dependent noise).
 
 :data:`TASKS` maps a task name to a factory ``(size, data_seed) -> Task``; ``size`` is one of
 :data:`SIZES` ("quick" for studies that finish in minutes on a laptop, "full" for the reported
@@ -14,6 +16,7 @@ from beyondloss.tasks.base import Splits, Task
 from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
 from beyondloss.tasks.flow import DATASETS as FLOW_DATASETS
 from beyondloss.tasks.flow import make_flow_task
+from beyondloss.tasks.noisy_labels import make_noisy_task
 from beyondloss.tasks.sequences import make_sequence_task
 
 SIZES = ("quick", "full")
@@ -49,6 +52,8 @@ TASKS: dict[str, TaskFactory] = {
     **{f"flow-{name}": partial(make_flow_task, dataset=name) for name in FLOW_DATASETS},
     "bc-pendulum": partial(behavior_cloning, env="pendulum"),
     "bc-reacher": partial(behavior_cloning, env="reacher"),
+    "noisy-digits": partial(make_noisy_task, dataset="digits", noise=0.4, kind="symmetric"),
+    "noisy-tabular": partial(make_noisy_task, dataset="tabular", noise=0.3, kind="class"),
 }
 """Task name → factory ``(size, data_seed) -> Task``."""
 
