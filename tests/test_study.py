@@ -471,7 +471,36 @@ def test_weight_average_transforms_are_rolled_out_and_selected_post_hoc(
     assert curves["ema_test_score"][-1] != curves["test_score"][-1]
     assert "swa_val_score" in curves and "ema_test_err" in curves
     markdown = (result.directory / "table.md").read_text()
-    assert "## Weight averages, judged by their rollouts" in markdown
+    assert "## Weight averages and ensembles, judged by their rollouts" in markdown
     assert "post-hoc selection for EMA" in markdown
-    with pytest.raises(ValueError, match="transforms must be distinct names among swa, ema"):
+    with pytest.raises(ValueError, match="transforms must be distinct names among swa, ema, ens"):
         StudySpec("linear", transforms=("swa", "tta"))
+    with pytest.raises(ValueError, match="'ens' transform needs seeds >= 2"):
+        StudySpec("linear", seeds=1, transforms=("ens",))
+
+
+def test_seed_ensembles_are_deployed_as_one_model_and_selected_post_hoc(tmp_path: Path) -> None:
+    spec = replace(_spec(tmp_path), transforms=("swa", "ens"))
+    assert spec.run_id("sgd", LARGE_LR, 0) == "linear-quick-sgd-lr0.1-swa-s0"  # ens: no new runs
+    assert spec.ensemble_id("sgd", LARGE_LR) == "linear-quick-sgd-lr0.1-swa-ens"
+    result = run_study(spec, progress=False)
+    task = LinearTask("quick", 0)
+    x, y = task.splits().test.tensors
+    for kind, prefix in (("base", "ens"), ("swa", "swa_ens")):
+        members = [ttf.rebuild(ttf._job(spec, "dopr-sgd", LARGE_LR, s), kind) for s in range(2)]
+        mean = torch.stack([m(x) for m in members]).mean(0).detach()
+        with ResultsStore(spec.out / "beyondloss.db") as store:
+            stored = store.curves(spec.ensemble_id("dopr-sgd", LARGE_LR))
+            [run] = store.runs(run_id=spec.ensemble_id("dopr-sgd", LARGE_LR))
+        assert stored[f"{prefix}_test_err"] == [pytest.approx(float(F.mse_loss(mean, y)))]
+        assert f"{prefix}_val_score" in stored
+    assert run["seed"] == -1 and run["config"]["members"] == [
+        spec.run_id("dopr-sgd", LARGE_LR, s) for s in range(2)
+    ]
+    summary = next(s for s in result.summaries if (s.optimizer, s.lr) == ("dopr-sgd", LARGE_LR))
+    assert summary.mean["ens_test_err"] == stored["ens_test_err"][0]
+    assert math.isnan(summary.half_width["ens_test_err"])
+    markdown = (result.directory / "table.md").read_text()
+    assert "post-hoc selection for SWA+Ens" in markdown
+    again = run_study(spec, progress=False)
+    assert again.trained == () and again.summaries == result.summaries

@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_names,
         default=(),
         metavar="NAMES",
-        help=f"weight averages rolled out beside the base model, some of "
-        f"{','.join(TRANSFORMS)} (default: none)",
+        help=f"transforms rolled out beside the base model, some of {','.join(TRANSFORMS)}: "
+        "weight averages (swa, ema) every K epochs, the seed ensemble (ens) at the final epoch "
+        "(default: none)",
     )
     ttf.add_argument(
         "--transform-every",

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from beyondloss.posthoc.temperature import TemperatureScaling
 
@@ -151,3 +151,24 @@ def standard_compositions(
                 Composition(source, ensemble=True, final_ts=True),
             ]
     return out
+
+
+class OutputEnsemble(nn.Module):
+    """Members deployed as one model: ``forward`` is the mean of the members' outputs.
+
+    For a classifier or a token model this is the mean of logits (the default combination of
+    :func:`ensemble_logits`, without member temperature scaling); for a regressor, the mean
+    prediction: an ensemble dynamics model, velocity field or policy is rolled out by a task's
+    own ``evaluate`` as one model, each step feeding the *mean* prediction back. Members must
+    map the same inputs to outputs of one shape.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        outputs = [member(*args, **kwargs) for member in self.members]
+        return torch.stack(outputs).mean(dim=0)

@@ -42,6 +42,7 @@ from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from beyondloss.optim.preconditioner import ActivationPreconditioner
 from beyondloss.posthoc.averaging import EMA, SWA
+from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.store import ResultsStore
 from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.report import (
@@ -65,7 +66,7 @@ from beyondloss.study.report import (
     write_gains_csv,
 )
 from beyondloss.tasks import SIZES, TASKS, Task, TaskFactory
-from beyondloss.train import Evaluator, TrainConfig, loss_evaluator, train
+from beyondloss.train import CHECKPOINT_NAME, Evaluator, TrainConfig, loss_evaluator, train
 
 DATA_SEED = 0
 """Data seed of every run's task: all runs of a study see the same data."""
@@ -82,8 +83,11 @@ DEFAULT_SEEDS = {"quick": 3, "full": 5}
 STORE_NAME = "beyondloss.db"
 """File name of the results store inside ``spec.out``."""
 
-TRANSFORMS = ("swa", "ema")
-"""Weight-space transforms a study evaluates beside the base model (see ``StudySpec``)."""
+WEIGHT_TRANSFORMS = ("swa", "ema")
+"""Weight-space transforms: they change what a run evaluates, so they tag its run id."""
+
+TRANSFORMS = (*WEIGHT_TRANSFORMS, "ens")
+"""Transforms a study evaluates beside the base model (see ``StudySpec``)."""
 
 EMA_DECAY = 0.9
 """Per-epoch decay of the ``"ema"`` transform (a window of about 10 epochs)."""
@@ -139,7 +143,13 @@ class StudySpec:
         :data:`TRANSFORMS`: ``"swa"`` (uniform average of the end-of-epoch weights of the second
         half of training) and ``"ema"`` (exponential average, decay :data:`EMA_DECAY` per
         epoch). The averaged model is rolled out by the task's own ``evaluate`` on val and test
-        (metrics ``swa_val_<metric>``, ...). They tag the run ids of every optimizer.
+        (metrics ``swa_val_<metric>``, ...). They tag the run ids of every optimizer. ``"ens"``
+        (needs two seeds or more) deploys the seeds of each configuration as one model
+        (:class:`~beyondloss.posthoc.ensemble.OutputEnsemble`: the mean of their outputs, so a
+        policy, dynamics model or velocity field is rolled out on the mean prediction) at the
+        final epoch, of the base models (``ens_val_<metric>``, ...) and of each weight average
+        (``swa_ens_...``); it is stored as one run per configuration (:meth:`ensemble_id`) and
+        does not change the runs' ids.
     transform_every:
         Evaluate the transforms every ``transform_every`` epochs and at the last (the averages
         are updated every epoch).
@@ -202,6 +212,8 @@ class StudySpec:
                 f"transforms must be distinct names among {', '.join(TRANSFORMS)}, "
                 f"got {list(transforms)}"
             )
+        if "ens" in transforms and seeds < 2:
+            raise ValueError(f"the 'ens' transform needs seeds >= 2, got {seeds}")
         for name in ("transform_every", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -256,6 +268,29 @@ class StudySpec:
         tags = self._base_tag + (self._dopr_tag if _is_dopr(optimizer) else "")
         return f"{self.task}-{self.size}-{optimizer}-lr{format_lr(lr)}{tags}-s{seed}"
 
+    def ensemble_id(self, optimizer: str, lr: float) -> str:
+        """Run id of the seed ensemble of one configuration: :meth:`run_id` with ``-ens`` in
+        place of the seed, e.g. ``lorenz-quick-adamw-lr0.003-ens``."""
+        return self.run_id(optimizer, lr, 0).removesuffix("-s0") + "-ens"
+
+    @property
+    def weight_transforms(self) -> tuple[str, ...]:
+        """The weight-space transforms among :attr:`transforms`, in spec order."""
+        return tuple(name for name in self.transforms if name in WEIGHT_TRANSFORMS)
+
+    @property
+    def ensembles(self) -> tuple[str, ...]:
+        """Names of the ensemble transforms evaluated: ``ens`` and ``<average>_ens`` per weight
+        average; empty without ``"ens"``."""
+        if "ens" not in self.transforms:
+            return ()
+        return ("ens", *(f"{name}_ens" for name in self.weight_transforms))
+
+    @property
+    def evaluated(self) -> tuple[str, ...]:
+        """Every transform whose metrics the study reads: weight averages, then ensembles."""
+        return self.weight_transforms + self.ensembles
+
     def grid(self) -> Iterator[tuple[str, float, int]]:
         """Every ``(optimizer, lr, seed)``, optimizer-major, in spec order."""
         for optimizer in self.optimizers:
@@ -267,8 +302,8 @@ class StudySpec:
     def _base_tag(self) -> str:
         """Tags of the settings that change every optimizer's runs: weight decay, transforms."""
         tag = f"-wd{self.weight_decay:g}" if self.weight_decay else ""
-        if self.transforms:
-            tag += "-" + "+".join(self.transforms)
+        if self.weight_transforms:
+            tag += "-" + "+".join(self.weight_transforms)
             tag += f"-every{self.transform_every}" if self.transform_every != 1 else ""
         return tag
 
@@ -377,52 +412,21 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     ``RuntimeError`` naming the run if a run fails (runs already finished stay in the store).
     """
     began = time.perf_counter()
-    factory = TASKS[spec.task]
     spec.directory.mkdir(parents=True, exist_ok=True)
-    db = spec.out / STORE_NAME
-    with ResultsStore(db) as store:
-        pending, skipped = [], []
-        for optimizer, lr, seed in spec.grid():
-            run_id = spec.run_id(optimizer, lr, seed)
-            if store.is_complete(run_id):
-                skipped.append(run_id)
-                continue
-            pending.append(
-                _Job(
-                    run_id=run_id,
-                    factory=factory,
-                    task=spec.task,
-                    size=spec.size,
-                    optimizer=optimizer,
-                    lr=lr,
-                    weight_decay=spec.weight_decay,
-                    dopr=dict(spec.dopr) if _is_dopr(optimizer) else {},
-                    seed=seed,
-                    run_dir=spec.out / spec.study_of(optimizer) / "runs" / run_id,
-                    db=db,
-                    study=spec.study_of(optimizer),
-                    transforms=spec.transforms,
-                    transform_every=spec.transform_every,
-                )
-            )
-        with LocalExecutor(min(spec.workers, len(pending))) as executor:
-            executor.run(
-                [(_run_one, job) for job in pending],
-                [f"run {job.run_id}" for job in pending],
-                spec.name,
-                progress,
-                total=len(pending) + len(skipped),
-            )
-        curves = {
-            (optimizer, lr, seed): store.curves(spec.run_id(optimizer, lr, seed))
-            for optimizer, lr, seed in spec.grid()
+    trained, skipped = _train_grid(spec, progress)
+    with ResultsStore(spec.out / STORE_NAME) as store:
+        curves = {key: store.curves(spec.run_id(*key)) for key in spec.grid()}
+        ensembles = {
+            (optimizer, lr): store.curves(spec.ensemble_id(optimizer, lr))
+            for optimizer, lr in _configs(spec)
+            if spec.ensembles
         }
-    task = factory(spec.size, DATA_SEED)
+    task = TASKS[spec.task](spec.size, DATA_SEED)
     finals = {
         key: {name: values[-1] for name, values in run.items() if name != "epoch"}
         for key, run in curves.items()
     }
-    summaries = summarize(finals)
+    summaries = _with_ensembles(summarize(finals), ensembles)
     primary = f"val_{task.primary_metric}"
     test_primary = f"test_{task.primary_metric}"
     higher = task.higher_is_better[task.primary_metric]
@@ -439,7 +443,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     agreement = [mismatch(curves, name, higher) for name in (primary, test_primary)]
     directions |= {
         f"{name}_{metric}": better
-        for name in spec.transforms
+        for name in spec.evaluated
         for metric, better in directions.items()
         if metric != "val_loss"
     }
@@ -452,7 +456,6 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         "all": markdown_table(summaries, metrics, directions),
     }
     wall_seconds = time.perf_counter() - began
-    trained = tuple(job.run_id for job in pending)
     markdown = _markdown(
         spec,
         task,
@@ -490,7 +493,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     return StudyResult(
         directory=spec.directory,
         trained=trained,
-        skipped=tuple(skipped),
+        skipped=skipped,
         summaries=tuple(summaries),
         by_val_loss=by_val_loss,
         by_downstream=by_downstream,
@@ -562,6 +565,155 @@ def run_all(
     return SuiteResult(directory, results, failures, markdown, wall_seconds)
 
 
+def _configs(spec: StudySpec) -> list[tuple[str, float]]:
+    """Every ``(optimizer, lr)`` of the grid, in grid order."""
+    return list(dict.fromkeys((optimizer, lr) for optimizer, lr, _ in spec.grid()))
+
+
+def _job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> _Job:
+    """The job that trains (or trained) run ``(optimizer, lr, seed)`` of ``spec``."""
+    run_id = spec.run_id(optimizer, lr, seed)
+    return _Job(
+        run_id=run_id,
+        factory=TASKS[spec.task],
+        task=spec.task,
+        size=spec.size,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=spec.weight_decay,
+        dopr=dict(spec.dopr) if _is_dopr(optimizer) else {},
+        seed=seed,
+        run_dir=spec.out / spec.study_of(optimizer) / "runs" / run_id,
+        db=spec.out / STORE_NAME,
+        study=spec.study_of(optimizer),
+        transforms=spec.weight_transforms,
+        transform_every=spec.transform_every,
+    )
+
+
+def _train_grid(spec: StudySpec, progress: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Train the runs of ``spec`` that the store does not mark complete, then evaluate the
+    seed ensembles not yet stored, in the executor; the run ids trained and skipped."""
+    with ResultsStore(spec.out / STORE_NAME) as store:
+        jobs = [_job(spec, *key) for key in spec.grid()]
+        pending = [job for job in jobs if not store.is_complete(job.run_id)]
+        ensembles = [
+            _EnsembleJob(
+                run_id=spec.ensemble_id(optimizer, lr),
+                members=tuple(job for job in jobs if (job.optimizer, job.lr) == (optimizer, lr)),
+            )
+            for optimizer, lr in _configs(spec)
+            if spec.ensembles and not store.is_complete(spec.ensemble_id(optimizer, lr))
+        ]
+    skipped = tuple(job.run_id for job in jobs if job not in pending)
+    with LocalExecutor(min(spec.workers, len(pending) + len(ensembles))) as executor:
+        executor.run(
+            [(_run_one, job) for job in pending],
+            [f"run {job.run_id}" for job in pending],
+            spec.name,
+            progress,
+            total=len(jobs),
+        )
+        if ensembles:
+            executor.run(
+                [(_ensemble_one, job) for job in ensembles],
+                [f"ensemble {job.run_id}" for job in ensembles],
+                f"{spec.name} ensembles",
+                progress,
+            )
+    return tuple(job.run_id for job in pending), skipped
+
+
+@dataclass(frozen=True)
+class _EnsembleJob:
+    """The seed ensemble of one configuration: its run id and the jobs of its members."""
+
+    run_id: str
+    members: tuple[_Job, ...]
+
+
+def _evaluators(task: Task, job: _Job) -> list[Evaluator]:
+    """What a run evaluates after every epoch: val loss, downstream val and test metrics, then
+    its weight averages (checkpointable, in ``job.transforms`` order)."""
+    splits = task.splits()
+    evaluators = [
+        loss_evaluator(task.loss, splits.val, "val_loss"),
+        _downstream(task, "val"),
+        _downstream(task, "test"),
+    ]
+    return evaluators + _transform_evaluators(task, job)
+
+
+def rebuild(job: _Job, kind: str = "base") -> nn.Module:
+    """The final model of ``job``'s run from its checkpoint: ``"base"``, or the weight average
+    ``kind`` (one of ``job.transforms``) as it was when the run evaluated it last.
+
+    Raises ``FileNotFoundError`` without a checkpoint and ``ValueError`` for an unknown kind.
+    """
+    task = job.factory(job.size, DATA_SEED)
+    payload = torch.load(job.run_dir / CHECKPOINT_NAME, weights_only=False)
+    model = task.make_model()
+    model.load_state_dict(payload["model"])
+    if kind == "base":
+        return model
+    if kind not in job.transforms:
+        raise ValueError(f"run {job.run_id} has no {kind!r}; it has base, {job.transforms}")
+    for evaluator, state in zip(_evaluators(task, job), payload["evaluators"], strict=False):
+        if isinstance(evaluator, WeightAverageEvaluator) and evaluator.name == kind:
+            evaluator.load_state_dict(state, model)
+            return evaluator.average.module
+    raise AssertionError(f"checkpoint of {job.run_id} holds no state of {kind!r}")
+
+
+def _ensemble_one(job: _EnsembleJob) -> None:
+    """Deploy the members of ``job`` as one :class:`OutputEnsemble` per kind (base and each
+    weight average) at the final epoch; store its val and test metrics as the ensemble's run.
+    A member that did not reach the final epoch (it diverged) makes the ensemble's metrics NaN.
+    """
+    first = job.members[0]
+    task = first.factory(first.size, DATA_SEED)
+    complete = all(
+        torch.load(m.run_dir / CHECKPOINT_NAME, weights_only=False)["epoch"] == task.epochs
+        for m in job.members
+    )
+    metrics: dict[str, float] = {}
+    for kind in ("base", *first.transforms):
+        name = "ens" if kind == "base" else f"{kind}_ens"
+        if not complete:
+            metrics[f"{name}_val_{task.primary_metric}"] = math.nan
+            continue
+        ensemble = OutputEnsemble([rebuild(member, kind) for member in job.members])
+        for split in ("val", "test"):
+            values = task.evaluate(ensemble, split, primary_only=split == "val")
+            metrics |= {f"{name}_{split}_{metric}": value for metric, value in values.items()}
+    with ResultsStore(first.db) as store:
+        store.add_run(
+            job.run_id,
+            task=first.task,
+            optimizer=first.optimizer,
+            lr=first.lr,
+            weight_decay=first.weight_decay,
+            seed=-1,
+            config={"study": first.study, "members": [m.run_id for m in job.members]},
+        )
+        store.log_epoch(job.run_id, task.epochs, metrics)
+        store.mark_complete(job.run_id)
+
+
+def _with_ensembles(
+    summaries: list[Summary], ensembles: Mapping[tuple[str, float], Mapping[str, list[float]]]
+) -> list[Summary]:
+    """``summaries`` with each configuration's ensemble metrics added: one model over all
+    seeds, so its value has no spread (std and half-width NaN)."""
+    for summary in summaries:
+        curves = ensembles.get((summary.optimizer, summary.lr), {})
+        for name, values in curves.items():
+            if name != "epoch":
+                summary.mean[name] = values[-1]
+                summary.std[name] = summary.half_width[name] = math.nan
+    return summaries
+
+
 def _run_one(job: _Job) -> None:
     """Train one run (in a worker process): register it, train with evaluators, mark complete."""
     task = job.factory(job.size, DATA_SEED)
@@ -572,12 +724,7 @@ def _run_one(job: _Job) -> None:
     optimizer = make_optimizer(
         job.optimizer, model, lr=job.lr, weight_decay=job.weight_decay, **job.dopr
     )
-    evaluators = [
-        loss_evaluator(task.loss, splits.val, "val_loss"),
-        _downstream(task, "val"),
-        _downstream(task, "test"),
-    ]
-    evaluators += _transform_evaluators(task, job)
+    evaluators = _evaluators(task, job)
     if optimizer.preconditioner is not None:
         evaluators.append(_ap_spectra(optimizer.preconditioner))
     with ResultsStore(job.db) as store:
@@ -673,6 +820,16 @@ def _downstream(task: Task, split: str) -> Evaluator:
     return evaluate
 
 
+_TRANSFORM_LABELS = {
+    "swa": "SWA",
+    "ema": "EMA",
+    "ens": "Ens",
+    "swa_ens": "SWA+Ens",
+    "ema_ens": "EMA+Ens",
+}
+"""How reports name the transforms."""
+
+
 def _transforms_table(
     spec: StudySpec,
     summaries: list[Summary],
@@ -682,23 +839,23 @@ def _transforms_table(
 ) -> str:
     """Test primary metric of the base model and of each transform, each optimizer at the lr
     its criterion selects: val loss (naive), then each transform's own val metric (post-hoc)."""
-    if not spec.transforms:
+    if not spec.evaluated:
         return ""
     higher = task.higher_is_better[task.primary_metric]
     test = [f"test_{task.primary_metric}"]
-    test += [f"{name}_test_{task.primary_metric}" for name in spec.transforms]
+    test += [f"{name}_test_{task.primary_metric}" for name in spec.evaluated]
     blocks = [
         "Each optimizer at its val-loss-selected learning rate (naive selection):",
         "",
         markdown_table(list(by_val_loss.values()), test, directions),
     ]
-    for name in spec.transforms:
+    for name in spec.evaluated:
         criterion = f"{name}_val_{task.primary_metric}"
         chosen = select_lr(summaries, criterion, higher_is_better=higher)
         blocks += [
             "",
             f"Each optimizer at the learning rate with the best `{criterion}` (post-hoc "
-            f"selection for {name.upper()}):",
+            f"selection for {_TRANSFORM_LABELS.get(name, name)}):",
             "",
             markdown_table(list(chosen.values()), [f"{name}_test_{task.primary_metric}"],
                            directions),
@@ -791,16 +948,19 @@ def _markdown(
     lines += [
         *(
             [
-                "## Weight averages, judged by their rollouts",
+                "## Weight averages and ensembles, judged by their rollouts",
                 "",
                 f"SWA averages the end-of-epoch weights from epoch {swa_start(task.epochs)} on, "
-                f"EMA with decay {EMA_DECAY} per epoch; the averaged model is evaluated by the "
-                "task's own rollouts, like the base model.",
+                f"EMA with decay {EMA_DECAY} per epoch; Ens deploys the final models of the "
+                f"{spec.grid_seeds} seeds as one model (the mean of their outputs; SWA+Ens: of "
+                "their SWA models), a single model per configuration and so without a spread. "
+                "Every transformed model is evaluated by the task's own rollouts, like the base "
+                "model.",
                 "",
                 tables["transforms"],
                 "",
             ]
-            if spec.transforms
+            if spec.evaluated
             else []
         ),
         "## Val loss vs downstream metric",
