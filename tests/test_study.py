@@ -487,7 +487,7 @@ def test_seed_ensembles_are_deployed_as_one_model_and_selected_post_hoc(tmp_path
     task = LinearTask("quick", 0)
     x, y = task.splits().test.tensors
     for kind, prefix in (("base", "ens"), ("swa", "swa_ens")):
-        members = [ttf.rebuild(ttf._job(spec, "dopr-sgd", LARGE_LR, s), kind) for s in range(2)]
+        members = [ttf.rebuild(ttf.run_job(spec, "dopr-sgd", LARGE_LR, s), kind) for s in range(2)]
         mean = torch.stack([m(x) for m in members]).mean(0).detach()
         with ResultsStore(spec.out / "beyondloss.db") as store:
             stored = store.curves(spec.ensemble_id("dopr-sgd", LARGE_LR))

@@ -17,10 +17,13 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from beyondloss import __version__
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES
 from beyondloss.study.arguments import positive_int
+from beyondloss.study.export import export_model, load_model
 from beyondloss.study.posthoc_cli import add_posthoc_command
 from beyondloss.study.ttf import (
     DEFAULT_LRS,
@@ -127,6 +130,48 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[*sorted(TASKS), ALL_TASKS],
         help="task: %(choices)s (all: every registered task in turn)",
     )
+    _add_study_arguments(ttf)
+    ttf.add_argument(
+        "--workers",
+        type=positive_int,
+        default=_DEFAULTS["workers"],
+        help="parallel training processes (default: %(default)s)",
+    )
+    ttf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_posthoc_command(commands)
+    _add_export_command(commands)
+    return parser
+
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write the weights of the model a study selects",
+        description="Select a model among the complete runs of the study that `beyondloss ttf "
+        "TASK` with the same options ran, by CRITERION: val_loss (naive), downstream (the "
+        "downstream validation metric) or a transform of the study (post-hoc: swa, ema, ens, "
+        "swa_ens, ...). The configuration is the study's selection (over all optimizers unless "
+        "--optimizer names one); a single model is the seed with the best validation value. "
+        "The model is rebuilt from the run checkpoints, written to OUTPUT, re-evaluated on the "
+        "test split and compared with the stored test metrics. Load it with "
+        "beyondloss.study.export.load_model.",
+    )
+    export.set_defaults(error=export.error)
+    export.add_argument("task", metavar="TASK", choices=sorted(TASKS), help="task: %(choices)s")
+    _add_study_arguments(export)
+    export.add_argument(
+        "--select",
+        default="downstream",
+        metavar="CRITERION",
+        help="val_loss, downstream or a transform name (default: %(default)s)",
+    )
+    export.add_argument("--optimizer", help="select among this optimizer's runs only")
+    export.add_argument("--output", "-o", type=Path, required=True, help="file to write")
+
+
+def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name a study's grid (shared by ``ttf`` and ``export``)."""
+    ttf = parser
     ttf.add_argument(
         "--size", choices=SIZES, default=_DEFAULTS["size"], help="task size (default: %(default)s)"
     )
@@ -180,17 +225,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ap_arguments(dopr)
     ttf.add_argument(
-        "--workers",
-        type=positive_int,
-        default=_DEFAULTS["workers"],
-        help="parallel training processes (default: %(default)s)",
-    )
-    ttf.add_argument(
         "--out", type=Path, default=_DEFAULTS["out"], help="output folder (default: %(default)s)"
     )
-    ttf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_posthoc_command(commands)
-    return parser
+
+
+def _export(args: argparse.Namespace, study: dict) -> int:
+    """``beyondloss export``: select, rebuild, write, then check the rebuilt model's test
+    metrics against the stored ones (one torch thread, as the runs were evaluated)."""
+    try:
+        spec = StudySpec(task=args.task, size=args.size, **study)
+        selected = export_model(spec, args.output, args.select, args.optimizer)
+    except ValueError as error:
+        args.error(str(error))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        task, model, _ = load_model(args.output)
+        rebuilt = task.evaluate(model, "test")
+    finally:
+        torch.set_num_threads(threads)
+    print(
+        f"{args.output}: {selected.kind} model of {', '.join(selected.run_ids)} "
+        f"({selected.optimizer}, lr {selected.lr:g}; selected by {selected.metric})"
+    )
+    mismatched = []
+    for name, value in selected.stored.items():
+        again = rebuilt.get(name, math.nan)
+        same = again == value or (math.isnan(again) and math.isnan(value))
+        mismatched += [] if same else [name]
+        flag = "" if same else "  DIFFERS"
+        print(f"  test {name}: stored {value:.6g}, rebuilt {again:.6g}{flag}")
+    if mismatched:
+        print(
+            f"rebuilt test metrics differ from the stored ones: {', '.join(mismatched)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,9 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "transforms": tuple(args.transforms),
         "transform_every": args.transform_every,
-        "workers": args.workers,
         "out": args.out,
     }
+    if args.command == "export":
+        return _export(args, study)
+    study["workers"] = args.workers
     command = shlex.join(["beyondloss", *arguments])
     progress = not args.no_progress
     if args.task == ALL_TASKS:

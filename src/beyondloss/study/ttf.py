@@ -385,7 +385,7 @@ class StudyResult:
 
 
 @dataclass(frozen=True)
-class _Job:
+class RunJob:
     """Everything a worker process needs to train one run (picklable)."""
 
     run_id: str
@@ -418,7 +418,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         curves = {key: store.curves(spec.run_id(*key)) for key in spec.grid()}
         ensembles = {
             (optimizer, lr): store.curves(spec.ensemble_id(optimizer, lr))
-            for optimizer, lr in _configs(spec)
+            for optimizer, lr in grid_configs(spec)
             if spec.ensembles
         }
     task = TASKS[spec.task](spec.size, DATA_SEED)
@@ -426,7 +426,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         key: {name: values[-1] for name, values in run.items() if name != "epoch"}
         for key, run in curves.items()
     }
-    summaries = _with_ensembles(summarize(finals), ensembles)
+    summaries = with_ensembles(summarize(finals), ensembles)
     primary = f"val_{task.primary_metric}"
     test_primary = f"test_{task.primary_metric}"
     higher = task.higher_is_better[task.primary_metric]
@@ -565,15 +565,15 @@ def run_all(
     return SuiteResult(directory, results, failures, markdown, wall_seconds)
 
 
-def _configs(spec: StudySpec) -> list[tuple[str, float]]:
+def grid_configs(spec: StudySpec) -> list[tuple[str, float]]:
     """Every ``(optimizer, lr)`` of the grid, in grid order."""
     return list(dict.fromkeys((optimizer, lr) for optimizer, lr, _ in spec.grid()))
 
 
-def _job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> _Job:
+def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
     """The job that trains (or trained) run ``(optimizer, lr, seed)`` of ``spec``."""
     run_id = spec.run_id(optimizer, lr, seed)
-    return _Job(
+    return RunJob(
         run_id=run_id,
         factory=TASKS[spec.task],
         task=spec.task,
@@ -595,14 +595,14 @@ def _train_grid(spec: StudySpec, progress: bool) -> tuple[tuple[str, ...], tuple
     """Train the runs of ``spec`` that the store does not mark complete, then evaluate the
     seed ensembles not yet stored, in the executor; the run ids trained and skipped."""
     with ResultsStore(spec.out / STORE_NAME) as store:
-        jobs = [_job(spec, *key) for key in spec.grid()]
+        jobs = [run_job(spec, *key) for key in spec.grid()]
         pending = [job for job in jobs if not store.is_complete(job.run_id)]
         ensembles = [
             _EnsembleJob(
                 run_id=spec.ensemble_id(optimizer, lr),
                 members=tuple(job for job in jobs if (job.optimizer, job.lr) == (optimizer, lr)),
             )
-            for optimizer, lr in _configs(spec)
+            for optimizer, lr in grid_configs(spec)
             if spec.ensembles and not store.is_complete(spec.ensemble_id(optimizer, lr))
         ]
     skipped = tuple(job.run_id for job in jobs if job not in pending)
@@ -629,10 +629,10 @@ class _EnsembleJob:
     """The seed ensemble of one configuration: its run id and the jobs of its members."""
 
     run_id: str
-    members: tuple[_Job, ...]
+    members: tuple[RunJob, ...]
 
 
-def _evaluators(task: Task, job: _Job) -> list[Evaluator]:
+def _evaluators(task: Task, job: RunJob) -> list[Evaluator]:
     """What a run evaluates after every epoch: val loss, downstream val and test metrics, then
     its weight averages (checkpointable, in ``job.transforms`` order)."""
     splits = task.splits()
@@ -644,7 +644,7 @@ def _evaluators(task: Task, job: _Job) -> list[Evaluator]:
     return evaluators + _transform_evaluators(task, job)
 
 
-def rebuild(job: _Job, kind: str = "base") -> nn.Module:
+def rebuild(job: RunJob, kind: str = "base") -> nn.Module:
     """The final model of ``job``'s run from its checkpoint: ``"base"``, or the weight average
     ``kind`` (one of ``job.transforms``) as it was when the run evaluated it last.
 
@@ -700,7 +700,7 @@ def _ensemble_one(job: _EnsembleJob) -> None:
         store.mark_complete(job.run_id)
 
 
-def _with_ensembles(
+def with_ensembles(
     summaries: list[Summary], ensembles: Mapping[tuple[str, float], Mapping[str, list[float]]]
 ) -> list[Summary]:
     """``summaries`` with each configuration's ensemble metrics added: one model over all
@@ -714,7 +714,7 @@ def _with_ensembles(
     return summaries
 
 
-def _run_one(job: _Job) -> None:
+def _run_one(job: RunJob) -> None:
     """Train one run (in a worker process): register it, train with evaluators, mark complete."""
     task = job.factory(job.size, DATA_SEED)
     splits = task.splits()
@@ -776,7 +776,7 @@ def swa_start(epochs: int) -> int:
     return epochs // 2 + 1
 
 
-def _transform_evaluators(task: Task, job: _Job) -> list[Evaluator]:
+def _transform_evaluators(task: Task, job: RunJob) -> list[Evaluator]:
     """The weight averages ``job.transforms`` asks for, each rolled out on val and test."""
     averages = {
         "swa": lambda: SWA(start_epoch=swa_start(task.epochs)),

@@ -1,0 +1,126 @@
+"""The model a study selects is rebuilt from its checkpoints, written, and loaded back into the
+task's own architecture with exactly the test metrics the store holds for it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from beyondloss.cli import main
+from beyondloss.posthoc.ensemble import OutputEnsemble
+from beyondloss.study import StudySpec, run_study, ttf
+from beyondloss.study.executor import LocalExecutor
+from beyondloss.study.export import export_model, load_model, select_model
+from beyondloss.tasks import TASKS
+from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
+from beyondloss.tasks.noisy_labels import make_noisy_task
+
+
+def tiny_lorenz(size: str, data_seed: int) -> Lorenz63Task:
+    config = replace(
+        LorenzConfig.quick(data_seed), epochs=3, train_steps=400, n_rollouts=20, horizon_lt=3.0
+    )
+    return Lorenz63Task(config)
+
+
+def tiny_digits(size: str, data_seed: int):
+    task = make_noisy_task("quick", data_seed)
+    task.epochs = 6
+    return task
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_tasks() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(TASKS, "tiny-lorenz", tiny_lorenz)
+        patch.setitem(TASKS, "tiny-digits", tiny_digits)
+        patch.setattr(ttf, "LocalExecutor", lambda workers: LocalExecutor(0))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the runs were evaluated, so that metrics agree exactly
+        yield
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StudySpec]:
+    out = tmp_path_factory.mktemp("studies")
+    specs = {task: _spec(task, out) for task in ("tiny-lorenz", "tiny-digits")}
+    for spec in specs.values():
+        run_study(spec, progress=False)
+    return specs
+
+
+def _spec(task: str, out: Path) -> StudySpec:
+    return StudySpec(
+        task=task,
+        optimizers=("adamw", "dopr-adamw"),
+        lrs=(1e-3, 1e-2),
+        seeds=2,
+        transforms=("swa", "ens"),
+        out=out,
+    )
+
+
+@pytest.mark.parametrize("task", ["tiny-lorenz", "tiny-digits"])
+def test_exported_models_reproduce_their_stored_test_metrics_exactly(
+    task: str, studies: dict[str, StudySpec], tmp_path: Path
+) -> None:
+    spec = studies[task]
+    for criterion in ("val_loss", "downstream", "swa", "ens", "swa_ens"):
+        path = tmp_path / f"{criterion}.pt"
+        selected = export_model(spec, path, criterion)
+        rebuilt_task, model, record = load_model(path)
+        assert record["run_ids"] == list(selected.run_ids)
+        assert isinstance(model, OutputEnsemble) == criterion.endswith("ens")
+        assert len(selected.run_ids) == (2 if criterion.endswith("ens") else 1)
+        metrics = rebuilt_task.evaluate(model, "test")
+        assert metrics == selected.stored, criterion
+    chosen = select_model(spec, "val_loss", optimizer="dopr-adamw")
+    assert chosen.optimizer == "dopr-adamw" and chosen.metric == "val_loss"
+
+
+def test_selection_follows_the_study_and_the_seed_by_the_same_metric(
+    studies: dict[str, StudySpec],
+) -> None:
+    spec = studies["tiny-lorenz"]
+    result = run_study(spec, progress=False)
+    assert result.trained == ()
+    selected = select_model(spec, "downstream", optimizer="adamw")
+    assert selected.lr == result.by_downstream["adamw"].lr
+    finals = {
+        seed: _final(spec, spec.run_id("adamw", selected.lr, seed), "val_vpt") for seed in (0, 1)
+    }
+    assert selected.run_ids == (spec.run_id("adamw", selected.lr, max(finals, key=finals.get)),)
+    with pytest.raises(ValueError, match="unknown criterion 'ema'"):
+        select_model(spec, "ema")
+    with pytest.raises(ValueError, match="not complete"):
+        select_model(replace(spec, seeds=3), "downstream")
+
+
+def _final(spec: StudySpec, run_id: str, metric: str) -> float:
+    from beyondloss.store import ResultsStore
+
+    with ResultsStore(spec.out / "beyondloss.db") as store:
+        return store.curves(run_id)[metric][-1]
+
+
+def test_export_command_writes_and_checks_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = ["--optimizers", "adamw", "--lrs", "1e-3", "--seeds", "2", "--out", str(tmp_path)]
+    assert main(["ttf", "tiny-digits", *options, "--no-progress"]) == 0
+    capsys.readouterr()
+    output = tmp_path / "model.pt"
+    assert main(["export", "tiny-digits", *options, "-o", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "selected by val_error" in printed and "DIFFERS" not in printed
+    assert "test clean_error: stored" in printed and output.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "tiny-digits", *options, "--select", "swa", "-o", str(tmp_path / "x.pt")])
+    assert exit_info.value.code == 2
+    assert "unknown criterion 'swa'" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
