@@ -99,6 +99,7 @@ def test_ttf_all_passes_the_options_to_run_all_and_prints_the_summary(
         "size": "full",
         "progress": True,
         "command": "beyondloss ttf all --size full --cov-every 4",
+        "tasks": None,
         "optimizers": ("adamw", "dopr-adamw", "muon", "dopr-muon"),
         "lrs": None,
         "seeds": None,
@@ -138,6 +139,8 @@ def test_ttf_all_validates_every_spec_before_training(
     [
         ([], "required: COMMAND"),
         (["ttf", "lorentz"], "invalid choice: 'lorentz' (choose from"),
+        (["study", "all", "--tasks", "lorenz,lorentz"], "unknown tasks ['lorentz']"),
+        (["study", "lorenz", "--tasks", "sort"], "--tasks applies to TASK 'all' only"),
         (["ttf", "lorenz", "--size", "huge"], "invalid choice: 'huge'"),
         (["ttf", "lorenz", "--optimizers", "adamw,adam"], "unknown optimizer 'adam' (choose from"),
         (["ttf", "lorenz", "--optimizers", ","], "at least one optimizer"),

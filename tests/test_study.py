@@ -422,7 +422,7 @@ def test_dopr_settings_name_new_dopr_runs_and_share_the_baselines(
     assert (result.directory / "runs" / result.trained[0] / "checkpoint.pt").exists()
 
 
-def test_run_all_studies_every_registered_task_and_survives_a_failure(
+def test_run_all_studies_each_task_and_survives_a_failure(
     study: StudyResult, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in list(TASKS):
@@ -441,6 +441,7 @@ def test_run_all_studies_every_registered_task_and_survives_a_failure(
         "quick",
         progress=False,
         command="beyondloss ttf all",
+        tasks=("linear", "broken"),
         optimizers=("sgd", "dopr-sgd"),
         lrs=(SMALL_LR, LARGE_LR),
         seeds=2,
@@ -455,6 +456,14 @@ def test_run_all_studies_every_registered_task_and_survives_a_failure(
     assert suite.results["linear"].tables["dopr_vs_base"] in summary
     assert suite.results["linear"].tables["kendall"] in summary
     assert "## broken\n\nFailed: `RuntimeError: run broken-quick-sgd failed: boom`" in summary
+
+
+def test_the_quick_suite_is_one_task_per_family_and_the_full_suite_every_task() -> None:
+    from beyondloss.tasks import QUICK_SUITE, suite
+
+    assert suite("quick") == tuple(name for name in QUICK_SUITE if name in TASKS)
+    assert {"lorenz", "noisy-digits"} <= set(suite("quick")) and "flow-moons" not in QUICK_SUITE
+    assert suite("full") == tuple(TASKS)
 
 
 def test_weight_average_transforms_are_rolled_out_and_selected_post_hoc(

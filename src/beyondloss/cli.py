@@ -34,7 +34,7 @@ from beyondloss.study.ttf import (
     run_all,
     run_study,
 )
-from beyondloss.tasks import SIZES, TASKS
+from beyondloss.tasks import QUICK_SUITE, SIZES, TASKS
 
 _DEFAULTS = {spec_field.name: spec_field.default for spec_field in fields(StudySpec)}
 """The study's defaults, shown by ``--help`` and used when an option is omitted."""
@@ -56,6 +56,16 @@ def _optimizers(text: str) -> tuple[str, ...]:
             raise argparse.ArgumentTypeError(
                 f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZER_NAMES)})"
             )
+    return tuple(names)
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    names = _names(text)
+    unknown = [name for name in names if name not in TASKS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown tasks {unknown} (choose from {', '.join(TASKS)})" if unknown else "no task"
+        )
     return tuple(names)
 
 
@@ -111,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ttf = commands.add_parser(
-        "ttf",
-        help="test-time-feedback study: optimizers × learning rates × seeds on one task",
+        "study",
+        aliases=["ttf"],
+        help="study: optimizers × learning rates × seeds on one task (alias: ttf)",
         description="Train every (optimizer, learning rate, seed) on TASK, select each "
         "optimizer's learning rate by mean final one-step validation loss (and, separately, by "
         "the downstream validation metric), and report the deployed test metrics with 95% "
@@ -121,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "skipped on a rerun. Results go to the store OUT/beyondloss.db; the study folder "
         "OUT/ttf-TASK-SIZE holds table.md, table.csv, dopr_vs_base.csv, curves.png, "
         "val_loss_vs_downstream.png and the run checkpoints. TASK 'all' runs every registered "
-        "task in turn and writes OUT/ttf-all-SIZE/summary.md.",
+        "task of the suite in turn (quick: one task per family; full: every task; or --tasks) "
+        "and writes OUT/ttf-all-SIZE/summary.md.",
     )
     ttf.set_defaults(error=ttf.error)
     ttf.add_argument(
@@ -131,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="task: %(choices)s (all: every registered task in turn)",
     )
     _add_study_arguments(ttf)
+    ttf.add_argument(
+        "--tasks",
+        type=_tasks,
+        default=None,
+        metavar="NAMES",
+        help="with TASK 'all': the tasks to study, comma-separated (default: quick "
+        f"{','.join(QUICK_SUITE)}; full: every task)",
+    )
     ttf.add_argument(
         "--workers",
         type=positive_int,
@@ -292,9 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     study["workers"] = args.workers
     command = shlex.join(["beyondloss", *arguments])
     progress = not args.no_progress
+    if args.tasks is not None and args.task != ALL_TASKS:
+        args.error(f"--tasks applies to TASK 'all' only, not {args.task!r}")
     if args.task == ALL_TASKS:
         try:
-            suite = run_all(args.size, progress=progress, command=command, **study)
+            suite = run_all(
+                args.size, progress=progress, command=command, tasks=args.tasks, **study
+            )
         except ValueError as error:
             args.error(str(error))
         for failure in suite.failures.values():

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ from beyondloss.study.report import (
     write_csv,
     write_gains_csv,
 )
-from beyondloss.tasks import SIZES, TASKS, Task, TaskFactory
+from beyondloss.tasks import SIZES, TASKS, Task, TaskFactory, suite
 from beyondloss.train import CHECKPOINT_NAME, Evaluator, TrainConfig, loss_evaluator, train
 
 DATA_SEED = 0
@@ -531,9 +531,14 @@ class SuiteResult:
 
 
 def run_all(
-    size: str = "quick", progress: bool = True, command: str | None = None, **study: Any
+    size: str = "quick",
+    progress: bool = True,
+    command: str | None = None,
+    tasks: Sequence[str] | None = None,
+    **study: Any,
 ) -> SuiteResult:
-    """Run the study of every task in :data:`~beyondloss.tasks.TASKS`, in registry order.
+    """Run the study of each of ``tasks`` in turn (``None``: the suite of ``size``,
+    :func:`beyondloss.tasks.suite`: one task per family at quick size, every task at full).
 
     ``study`` holds the other :class:`StudySpec` fields (``optimizers``, ``lrs``, ``seeds``,
     ``weight_decay``, ``dopr``, ``workers``, ``out``), shared by all tasks. Every spec is
@@ -543,9 +548,10 @@ def run_all(
     and the total wall time.
     """
     began = time.perf_counter()
-    specs = [StudySpec(task=name, size=size, **study) for name in TASKS]
+    names = suite(size) if tasks is None else tuple(tasks)
+    specs = [StudySpec(task=name, size=size, **study) for name in names]
     if not specs:
-        raise ValueError("no task is registered")
+        raise ValueError("no task to study")
     directory = specs[0].out / f"ttf-all-{size}{specs[0].suffix}"
     results: dict[str, StudyResult] = {}
     failures: dict[str, str] = {}

@@ -58,6 +58,20 @@ TASKS: dict[str, TaskFactory] = {
 """Task name → factory ``(size, data_seed) -> Task``."""
 
 
+QUICK_SUITE = ("lorenz", "sort", "flow-digits", "bc-pendulum", "bc-reacher", "noisy-digits")
+"""One task per family, the tasks of ``study all --size quick``: a chaotic system, a sequence
+model, a flow sampler, two control policies and a noisy-label classifier."""
+
+
+def suite(size: str) -> tuple[str, ...]:
+    """The tasks a suite of ``size`` studies: :data:`QUICK_SUITE` at quick size (the registered
+    ones among them), every registered task at full size."""
+    _check_size(size)
+    if size == "quick":
+        return tuple(name for name in QUICK_SUITE if name in TASKS)
+    return tuple(TASKS)
+
+
 def make_task(name: str, size: str = "quick", seed: int = 0) -> Task:
     """The task registered as ``name`` at ``size`` with data seed ``seed``.
 
@@ -69,4 +83,14 @@ def make_task(name: str, size: str = "quick", seed: int = 0) -> Task:
     return TASKS[name](size, seed)
 
 
-__all__ = ["SIZES", "TASKS", "Splits", "Task", "TaskFactory", "lorenz", "make_task"]
+__all__ = [
+    "QUICK_SUITE",
+    "SIZES",
+    "TASKS",
+    "Splits",
+    "Task",
+    "TaskFactory",
+    "lorenz",
+    "make_task",
+    "suite",
+]
