@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 def test_study_trains_every_run_and_writes_its_files(study: PosthocStudyResult) -> None:
     assert study.directory.name == "posthoc-digits-tiny-symmetric0.4"
     assert len(study.trained) == 4 and study.skipped == ()
-    for name in ("table.md", "table.csv", "reversal.md", "curves.png"):
+    for name in ("report.md", "table.csv", "reversal.md", "curves.png"):
         assert (study.directory / name).stat().st_size > 0
     assert len(list(study.directory.glob("runs/*/posthoc.pt"))) == 4
     assert (study.directory.parent / "beyondloss.db").exists()

@@ -141,7 +141,7 @@ def test_study_trains_every_run_and_writes_the_reports(study: StudyResult) -> No
     assert len(study.trained) == 2 * 2 * 2 and study.skipped == ()
     assert "linear-quick-sgd-lr0.1-s1" in study.trained
     for name in (
-        "table.md",
+        "report.md",
         "table.csv",
         "dopr_vs_base.csv",
         "curves.png",
@@ -150,10 +150,14 @@ def test_study_trains_every_run_and_writes_the_reports(study: StudyResult) -> No
         assert (study.directory / name).stat().st_size > 0
     run_dir = study.directory / "runs" / "linear-quick-dopr-sgd-lr0.0001-s0"
     assert (run_dir / "checkpoint.pt").exists()
-    markdown = (study.directory / "table.md").read_text()
+    markdown = (study.directory / "report.md").read_text()
     assert "Command: `beyondloss ttf linear`" in markdown
     assert "Wall time:" in markdown
     assert "| test_score ↑ |" in markdown and "test_err ↓" in markdown
+    page = (study.directory / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert '<th style="text-align:right">test_score ↑</th>' in page
+    assert page.count('<img src="data:image/png;base64,') == 2 and 'src="curves.png"' not in page
     with open(study.directory / "table.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 4
@@ -352,7 +356,7 @@ def test_dopr_settings_tag_dopr_run_ids_and_drop_defaults() -> None:
 
 
 def test_report_gives_confidence_intervals_gains_and_kendall_tau(study: StudyResult) -> None:
-    markdown = (study.directory / "table.md").read_text()
+    markdown = (study.directory / "report.md").read_text()
     assert "mean ± 95% CI half-width over the n seeds" in markdown
     assert "## DoPr vs base" in markdown and "| dopr-sgd vs sgd | val_loss |" in markdown
     assert "| test_score: DoPr − base | p | val_loss: base − DoPr | p |" in markdown
@@ -452,7 +456,9 @@ def test_run_all_studies_each_task_and_survives_a_failure(
     summary = (suite.directory / "summary.md").read_text()
     assert suite.directory.name == "ttf-all-quick" and summary == suite.markdown + "\n"
     assert "Command: `beyondloss ttf all`" in summary and "Total wall time:" in summary
-    assert "[Full report](../ttf-linear-quick/table.md)" in summary
+    assert "[Full report](../ttf-linear-quick/report.md)" in summary
+    index = (suite.directory / "summary.html").read_text()
+    assert '<a href="../ttf-linear-quick/report.html">Full report</a>' in index
     assert suite.results["linear"].tables["dopr_vs_base"] in summary
     assert suite.results["linear"].tables["kendall"] in summary
     assert "## broken\n\nFailed: `RuntimeError: run broken-quick-sgd failed: boom`" in summary
@@ -479,7 +485,7 @@ def test_weight_average_transforms_are_rolled_out_and_selected_post_hoc(
     assert curves["swa_test_score"][-1] == curves["test_score"][-1]
     assert curves["ema_test_score"][-1] != curves["test_score"][-1]
     assert "swa_val_score" in curves and "ema_test_err" in curves
-    markdown = (result.directory / "table.md").read_text()
+    markdown = (result.directory / "report.md").read_text()
     assert "## Weight averages and ensembles, judged by their rollouts" in markdown
     assert "post-hoc selection for EMA" in markdown
     with pytest.raises(ValueError, match="transforms must be distinct names among swa, ema, ens"):
@@ -509,7 +515,7 @@ def test_seed_ensembles_are_deployed_as_one_model_and_selected_post_hoc(tmp_path
     summary = next(s for s in result.summaries if (s.optimizer, s.lr) == ("dopr-sgd", LARGE_LR))
     assert summary.mean["ens_test_err"] == stored["ens_test_err"][0]
     assert math.isnan(summary.half_width["ens_test_err"])
-    markdown = (result.directory / "table.md").read_text()
+    markdown = (result.directory / "report.md").read_text()
     assert "post-hoc selection for SWA+Ens" in markdown
     again = run_study(spec, progress=False)
     assert again.trained == () and again.summaries == result.summaries

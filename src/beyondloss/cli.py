@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "confidence intervals over seeds, the paired gain of each dopr-X over X, and the "
         "Kendall tau between validation loss and the downstream metric. Completed runs are "
         "skipped on a rerun. Results go to the store OUT/beyondloss.db; the study folder "
-        "OUT/ttf-TASK-SIZE holds table.md, table.csv, dopr_vs_base.csv, curves.png, "
+        "OUT/ttf-TASK-SIZE holds report.md, table.csv, dopr_vs_base.csv, curves.png, "
         "val_loss_vs_downstream.png and the run checkpoints. TASK 'all' runs every registered "
         "task of the suite in turn (quick: one task per family; full: every task; or --tasks) "
         "and writes OUT/ttf-all-SIZE/summary.md.",

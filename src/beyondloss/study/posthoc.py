@@ -22,7 +22,7 @@ when the grid has more than one config, over the grid (config chosen by the same
 Layout under ``out``: the results store ``beyondloss.db`` (shared with the other studies; one
 row per run and per (epoch, metric)) and the study folder ``posthoc-<dataset>-<kind><noise>/``
 holding ``runs/<run id>/posthoc.pt`` (the run's :class:`~beyondloss.posthoc.tracker.PosthocLog`,
-written atomically once the run is complete), ``table.md``, ``table.csv``, ``reversal.md`` and
+written atomically once the run is complete), ``report.md``, ``table.csv``, ``reversal.md`` and
 ``curves.png``. A run whose log exists is skipped on a rerun; a run interrupted before writing
 its log is trained again from scratch (runs take seconds, so no per-epoch checkpoints).
 
@@ -57,6 +57,7 @@ from beyondloss.selection.posthoc import compare_selection, config_reversal
 from beyondloss.selection.reversal import reversal_table
 from beyondloss.store import ResultsStore
 from beyondloss.study.executor import LocalExecutor
+from beyondloss.study.html import write_html
 from beyondloss.study.report import replacing
 from beyondloss.study.ttf import STORE_NAME
 from beyondloss.tasks.noisy_labels import (
@@ -100,7 +101,7 @@ class PosthocStudyResult:
     Attributes
     ----------
     directory:
-        The study folder (``table.md``, ``table.csv``, ``reversal.md``, ``curves.png``,
+        The study folder (``report.md``, ``table.csv``, ``reversal.md``, ``curves.png``,
         ``runs/``).
     trained, skipped:
         Run ids trained by this call and run ids whose log already existed, in grid order.
@@ -109,9 +110,9 @@ class PosthocStudyResult:
         ``scope`` ``"default"`` or ``"grid"`` and the columns of
         :func:`~beyondloss.selection.posthoc.compare_selection`.
     markdown, reversal:
-        The contents of ``table.md`` and ``reversal.md``.
+        The contents of ``report.md`` and ``reversal.md``.
     wall_seconds:
-        Wall time of the call up to writing ``table.md``.
+        Wall time of the call up to writing ``report.md``.
     """
 
     directory: Path
@@ -219,7 +220,7 @@ def run_posthoc_study(
     progress:
         A tqdm bar over runs (and one over curve computations) on stderr.
     command:
-        The command line recorded in ``table.md``; ``None`` records this call.
+        The command line recorded in ``report.md``; ``None`` records this call.
 
     Raises ``ValueError`` for invalid arguments or a stored log of another length, and
     ``RuntimeError`` naming the run if a run fails (finished runs keep their logs). The call
@@ -330,8 +331,9 @@ def run_posthoc_study(
         setup,
     ]
     markdown = _table_markdown(header, default_name, len(configs), rows)
-    with replacing(directory / "table.md") as path:
+    with replacing(directory / "report.md") as path:
         path.write_text(markdown + "\n")
+    write_html(directory / "report.md", directory.name)
     return PosthocStudyResult(
         directory=directory,
         trained=trained,
@@ -470,7 +472,7 @@ def _setup_text(
     seeds: int,
     configs: Sequence[tuple[float, float]],
 ) -> str:
-    """The paragraph of ``table.md`` that says what was trained and how it is selected."""
+    """The paragraph of ``report.md`` that says what was trained and how it is selected."""
     n_val = data.val.labels.numel()
     network = spec.make_model(data.n_features, data.n_classes)
     n_params = sum(p.numel() for p in network.parameters())
@@ -507,7 +509,7 @@ def _setup_text(
 def _table_markdown(
     header: Sequence[str], default_name: str, n_configs: int, rows: Sequence[Mapping[str, Any]]
 ) -> str:
-    """``table.md``: ``header`` lines, then a selection table per scope and selection metric."""
+    """``report.md``: ``header`` lines, then a selection table per scope and selection metric."""
     lines = list(header)
     scopes = [("default", f"Default config `{default_name}`", False)]
     if any(row["scope"] == "grid" for row in rows):

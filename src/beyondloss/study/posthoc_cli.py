@@ -56,7 +56,7 @@ def _rate(text: str) -> float:
 
 def posthoc_command_line(args: argparse.Namespace) -> str:
     """The canonical command line of parsed ``args``, every option spelled out (as recorded in
-    ``table.md``), e.g. ``beyondloss posthoc digits --noise 0.4 --noise-kind symmetric ...``."""
+    ``report.md``), e.g. ``beyondloss posthoc digits --noise 0.4 --noise-kind symmetric ...``."""
     words = ["beyondloss", "posthoc", args.dataset, "--noise", f"{args.noise:g}"]
     words += ["--noise-kind", args.noise_kind, "--seeds", str(args.seeds)]
     if args.lrs is not None:
@@ -99,7 +99,7 @@ def add_posthoc_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "epochs and configs naively (by the base model's val metric) and post hoc (by the val "
         "metric after TS, SWA, ensembling and their compositions), and report test error and "
         "NLL on noisy and clean labels. Completed runs are skipped on a rerun. Writes "
-        "table.md, table.csv, reversal.md and curves.png to OUT/posthoc-DATASET-KINDRATE.",
+        "report.md, table.csv, reversal.md and curves.png to OUT/posthoc-DATASET-KINDRATE.",
     )
     parser.add_argument(
         "dataset", metavar="DATASET", choices=datasets, help=f"one of {', '.join(datasets)}"

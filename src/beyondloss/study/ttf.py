@@ -11,7 +11,7 @@ seed at each criterion's learning rates, and over all checkpoints the Kendall τ
 :func:`run_all` runs the study on every registered task and gathers the results in one summary.
 
 Layout under ``spec.out``: the results store ``beyondloss.db`` (shared by all studies) and one
-folder per study, ``<study name>/``, holding ``runs/<run id>/checkpoint.pt``, ``table.md``,
+folder per study, ``<study name>/``, holding ``runs/<run id>/checkpoint.pt``, ``report.md``,
 ``table.csv``, ``dopr_vs_base.csv``, ``curves.png`` and ``val_loss_vs_downstream.png``. A run
 the store marks complete is skipped on a rerun; an interrupted one resumes from its checkpoint.
 
@@ -45,6 +45,7 @@ from beyondloss.posthoc.averaging import EMA, SWA
 from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.store import ResultsStore
 from beyondloss.study.executor import LocalExecutor
+from beyondloss.study.html import write_html
 from beyondloss.study.report import (
     CI_LABEL,
     GainRow,
@@ -347,7 +348,7 @@ class StudyResult:
     Attributes
     ----------
     directory:
-        The study's folder (``table.md``, ``table.csv``, ``dopr_vs_base.csv``, ``curves.png``,
+        The study's folder (``report.md``, ``table.csv``, ``dopr_vs_base.csv``, ``curves.png``,
         ``val_loss_vs_downstream.png``).
     trained, skipped:
         Run ids trained by this call and run ids already complete in the store, in grid order.
@@ -363,10 +364,10 @@ class StudyResult:
     mismatch:
         Kendall τ of ``val_loss`` against ``val_<primary>`` and ``test_<primary>``.
     tables:
-        The markdown tables of ``table.md`` by name: ``"val_loss"``, ``"downstream"``,
+        The markdown tables of ``report.md`` by name: ``"val_loss"``, ``"downstream"``,
         ``"dopr_vs_base"``, ``"kendall"``, ``"all"``.
     markdown:
-        The content of ``table.md``.
+        The content of ``report.md``.
     wall_seconds:
         Wall time of this call up to writing the report.
     """
@@ -408,7 +409,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     """Train the grid of ``spec`` (skipping complete runs) and write the study's report.
 
     ``progress`` shows a tqdm bar over runs (finished / total, ETA) on stderr. ``command`` is
-    the command line recorded in ``table.md``; ``None`` records this call. Raises
+    the command line recorded in ``report.md``; ``None`` records this call. Raises
     ``RuntimeError`` naming the run if a run fails (runs already finished stay in the store).
     """
     began = time.perf_counter()
@@ -465,7 +466,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         skipped,
         tables,
     )
-    with replacing(spec.directory / "table.md") as path:
+    with replacing(spec.directory / "report.md") as path:
         path.write_text(markdown + "\n")
     with replacing(spec.directory / "table.csv") as path:
         write_csv(path, summaries, metrics, selections)
@@ -490,6 +491,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
             f"{spec.name}: {agreement[0].checkpoints.n} checkpoints, Kendall τ = "
             f"{agreement[0].checkpoints.tau:+.2f}\n(+1: lower val_loss ⇔ better {primary})",
         )
+    write_html(spec.directory / "report.md", spec.name)
     return StudyResult(
         directory=spec.directory,
         trained=trained,
@@ -568,6 +570,7 @@ def run_all(
     directory.mkdir(parents=True, exist_ok=True)
     with replacing(directory / "summary.md") as path:
         path.write_text(markdown + "\n")
+    write_html(directory / "summary.md", directory.name)
     return SuiteResult(directory, results, failures, markdown, wall_seconds)
 
 
@@ -1021,7 +1024,7 @@ def _summary_markdown(
             continue
         result = results[spec.task]
         lines += [
-            f"[Full report](../{spec.name}/table.md); wall time {result.wall_seconds:.1f} s; "
+            f"[Full report](../{spec.name}/report.md); wall time {result.wall_seconds:.1f} s; "
             f"runs trained: {len(result.trained)}, already complete: {len(result.skipped)}.",
             "",
             "Selected by one-step validation loss:",
