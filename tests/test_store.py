@@ -148,3 +148,52 @@ def test_non_finite_metrics_round_trip(tmp_path: Path) -> None:
         curves = store.curves("r")
     assert math.isnan(curves["val_loss"][0])
     assert curves["nrmse"] == [math.inf] and curves["vpt"] == [0.0]
+
+
+def test_final_frame_has_every_config_axis_and_the_last_value_of_every_metric(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from beyondloss.cli import main
+    from beyondloss.store import flatten
+
+    with ResultsStore(tmp_path / "beyondloss.db") as store:
+        for seed, cov in ((0, 10), (1, 10), (2, 1)):
+            run_id = f"r{seed}"
+            store.add_run(
+                run_id,
+                task="t",
+                optimizer="dopr-adamw",
+                lr=1e-3,
+                weight_decay=0.0,
+                seed=seed,
+                config={"study": "s", "dopr": {"cov_every": cov}, "transforms": ["swa", "ens"]},
+            )
+            store.log_epoch(run_id, 1, {"val_loss": 2.0, "test_vpt": float(seed)})
+            store.log_epoch(run_id, 2, {"val_loss": 1.0 + seed})
+        frame = store.final_frame(**{"dopr.cov_every": 10})
+        assert list(frame["run_id"]) == ["r0", "r1"]
+        assert list(frame["val_loss"]) == [1.0, 2.0] and list(frame["test_vpt"]) == [0.0, 1.0]
+        assert set(frame["transforms"]) == {"swa,ens"} and set(frame["study"]) == {"s"}
+        assert store.final_frame(missing_axis=1).empty
+    assert flatten({"a": {"b": {"c": 1}}, "d": [1, 2]}) == {"a.b.c": 1, "d": "1,2"}
+    assert (
+        main(
+            [
+                "runs",
+                "--out",
+                str(tmp_path),
+                "--where",
+                "dopr.cov_every=1",
+                "--csv",
+                "--metrics",
+                "val_loss",
+                "--columns",
+                "run_id,seed",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == "run_id,seed,val_loss\nr2,2,3.0\n\n"
+    with pytest.raises(SystemExit):
+        main(["runs", "--out", str(tmp_path), "--where", "cov_every"])
+    assert "--where takes AXIS=VALUE" in capsys.readouterr().err

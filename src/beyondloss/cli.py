@@ -10,6 +10,7 @@ printed to stdout.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import sys
@@ -22,6 +23,7 @@ import torch
 from beyondloss import __version__
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES
+from beyondloss.store import ResultsStore
 from beyondloss.study.arguments import positive_int
 from beyondloss.study.export import export_model, load_model
 from beyondloss.study.posthoc_cli import add_posthoc_command
@@ -29,6 +31,7 @@ from beyondloss.study.ttf import (
     DEFAULT_LRS,
     DEFAULT_SEEDS,
     DOPR_SETTINGS,
+    STORE_NAME,
     TRANSFORMS,
     StudySpec,
     run_all,
@@ -160,7 +163,69 @@ def build_parser() -> argparse.ArgumentParser:
     ttf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_posthoc_command(commands)
     _add_export_command(commands)
+    _add_runs_command(commands)
     return parser
+
+
+def _add_runs_command(commands: argparse._SubParsersAction) -> None:
+    runs = commands.add_parser(
+        "runs",
+        help="query the runs of every study in a results store",
+        description="One row per run of OUT/beyondloss.db (every study that wrote there): its "
+        "axes (task, optimizer, lr, weight_decay, seed, status, and every config key, flattened: "
+        "study, size, dopr.cov_every, transforms, ...) and the final value of the metrics asked "
+        "for. The same table in Python: ResultsStore(path).final_frame(**filters).",
+    )
+    runs.set_defaults(error=runs.error)
+    runs.add_argument(
+        "--out", type=Path, default=_DEFAULTS["out"], help="output folder (default: %(default)s)"
+    )
+    runs.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="AXIS=VALUE",
+        help="keep runs whose axis equals VALUE (repeatable), e.g. optimizer=dopr-adamw",
+    )
+    runs.add_argument(
+        "--metrics",
+        type=_names,
+        default=[],
+        metavar="NAMES",
+        help="final metrics to show, comma-separated (default: none)",
+    )
+    runs.add_argument(
+        "--columns", type=_names, default=None, metavar="NAMES", help="axes to show"
+    )
+    runs.add_argument("--csv", action="store_true", help="print CSV instead of a markdown table")
+
+
+def _runs(args: argparse.Namespace) -> int:
+    """``beyondloss runs``: filter the store's runs by their axes and print them."""
+    database = args.out / STORE_NAME
+    if not database.is_file():
+        args.error(f"no results store at {database}")
+    filters = {}
+    for condition in args.where:
+        axis, separator, text = condition.partition("=")
+        if not separator or not axis:
+            args.error(f"--where takes AXIS=VALUE, got {condition!r}")
+        try:
+            filters[axis] = json.loads(text)
+        except json.JSONDecodeError:
+            filters[axis] = text
+    with ResultsStore(database) as store:
+        frame = store.final_frame(**filters)
+    columns = args.columns or ["run_id", "task", "optimizer", "lr", "weight_decay", "seed"]
+    unknown = [name for name in [*columns, *args.metrics] if name not in frame.columns]
+    if frame.empty:
+        print("no run matches", file=sys.stderr)
+        return 0
+    if unknown:
+        args.error(f"unknown axes or metrics {unknown}; the runs have {', '.join(frame.columns)}")
+    table = frame[[*columns, *args.metrics]]
+    print(table.to_csv(index=False) if args.csv else table.to_string(index=False))
+    return 0
 
 
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
@@ -295,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     if args.command == "posthoc":
         return args.func(args)
+    if args.command == "runs":
+        return _runs(args)
     study = {
         "optimizers": args.optimizers,
         "lrs": args.lrs,

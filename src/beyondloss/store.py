@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
+_MISSING = object()
+
 RUN_COLUMNS = ("run_id", "task", "optimizer", "lr", "weight_decay", "seed", "status")
 """Columns of the ``runs`` table that :meth:`ResultsStore.runs` accepts as filters."""
 
@@ -224,6 +226,54 @@ class ResultsStore:
             self._conn,
         )
 
+    def final_frame(self, **filters: Any) -> pd.DataFrame:
+        """One row per run: its columns, every key of its config as an axis (flattened, see
+        :func:`flatten`: ``study``, ``size``, ``dopr.cov_every``, ``transforms``, ...) and the
+        last logged value of every metric (needs pandas).
+
+        ``filters`` keep the runs whose column or config axis equals the value (a missing axis
+        never matches), so every grid axis is queryable, not only lr, weight decay and seed.
+        """
+        try:
+            import pandas as pd
+        except ImportError as error:
+            message = "ResultsStore.final_frame needs pandas: pip install pandas"
+            raise ImportError(message) from error
+        rows = []
+        for run in self.runs():
+            row = {key: value for key, value in run.items() if key != "config"}
+            row |= {k: v for k, v in flatten(run["config"]).items() if k not in row}
+            if all(row.get(key, _MISSING) == value for key, value in filters.items()):
+                rows.append(row)
+        finals = self._conn.execute(
+            "SELECT m.run_id, m.name, m.value FROM metrics AS m JOIN ("
+            " SELECT run_id, name, MAX(epoch) AS epoch FROM metrics GROUP BY run_id, name"
+            ") AS last USING (run_id, name, epoch)"
+        ).fetchall()
+        values: dict[str, dict[str, float]] = {}
+        for final in finals:
+            value = math.nan if final["value"] is None else final["value"]
+            values.setdefault(final["run_id"], {})[final["name"]] = value
+        for row in rows:
+            row |= values.get(row["run_id"], {})
+        return pd.DataFrame(rows)
+
     def _require_run(self, run_id: str) -> None:
         if self._conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
             raise KeyError(f"unknown run {run_id!r}; register it with add_run first")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``config`` with nested mappings flattened to dotted keys (``{"dopr": {"cov_every": 10}}``
+    → ``{"dopr.cov_every": 10}``); lists become comma-separated strings, so every value is a
+    scalar a table or a filter can hold."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
+        elif isinstance(value, list | tuple):
+            flat[name] = ",".join(map(str, value))
+        else:
+            flat[name] = value
+    return flat
