@@ -39,6 +39,7 @@ from torch import nn
 
 from beyondloss.evaluation import WeightAverageEvaluator
 from beyondloss.optim.config import APConfig
+from beyondloss.optim.diagnostics import AMPLIFICATION_WARNING
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from beyondloss.optim.preconditioner import ActivationPreconditioner
 from beyondloss.posthoc.averaging import EMA, SWA
@@ -450,6 +451,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     }
     tables = {
         "transforms": _transforms_table(spec, summaries, by_val_loss, task, directions),
+        "diagnostics": _diagnostics_table(by_val_loss, test_primary),
         "val_loss": markdown_table(list(by_val_loss.values()), metrics, directions),
         "downstream": markdown_table(list(by_downstream.values()), metrics, directions),
         "dopr_vs_base": gains_table(gains, [test_primary, "val_loss"], directions),
@@ -839,6 +841,42 @@ _TRANSFORM_LABELS = {
 """How reports name the transforms."""
 
 
+_DIAGNOSTICS = (
+    "dim",
+    "eigenvalue_max",
+    "eigenvalue_min",
+    "condition",
+    "effective_rank",
+    "amplification",
+)
+"""Per-layer fields of the activation preconditioner's spectrum shown in reports."""
+
+
+def _diagnostics_table(by_val_loss: Mapping[str, Summary], test_primary: str) -> str:
+    """Per layer of each DoPr optimizer at its val-loss-selected lr: the final-epoch spectrum
+    of its Σ (mean over seeds), beside the optimizer's test metric; layers whose amplification
+    exceeds :data:`~beyondloss.optim.diagnostics.AMPLIFICATION_WARNING` are marked."""
+    head = ["optimizer", "lr", test_primary, "layer", *_DIAGNOSTICS]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|--:|---|" + "--:|" * len(_DIAGNOSTICS)]
+    for summary in by_val_loss.values():
+        layers = dict.fromkeys(
+            name.split("/")[1] for name in summary.mean if name.startswith("ap/")
+        )
+        for layer in layers:
+            values = [summary.mean.get(f"ap/{layer}/{field}", math.nan) for field in _DIAGNOSTICS]
+            loud = values[-1] > AMPLIFICATION_WARNING
+            cells = [f"{v:.4g}" for v in values[:-1]] + [
+                f"{values[-1]:.4g}" + (" ⚠" if loud else "")
+            ]
+            lines.append(
+                f"| {summary.optimizer} | {format_lr(summary.lr)} | "
+                f"{summary.mean.get(test_primary, math.nan):.4g} | `{layer}` | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _transforms_table(
     spec: StudySpec,
     summaries: list[Summary],
@@ -866,8 +904,9 @@ def _transforms_table(
             f"Each optimizer at the learning rate with the best `{criterion}` (post-hoc "
             f"selection for {_TRANSFORM_LABELS.get(name, name)}):",
             "",
-            markdown_table(list(chosen.values()), [f"{name}_test_{task.primary_metric}"],
-                           directions),
+            markdown_table(
+                list(chosen.values()), [f"{name}_test_{task.primary_metric}"], directions
+            ),
         ]
     return "\n".join(blocks)
 
@@ -954,6 +993,21 @@ def _markdown(
         lines += [_GAINS_TEXT.format(ci=CI_LABEL), "", tables["dopr_vs_base"], ""]
     else:
         lines += ["No optimizer X ran together with dopr-X.", ""]
+    if tables["diagnostics"]:
+        lines += [
+            "## DoPr diagnostics",
+            "",
+            "Spectrum of each layer's activation second moment Σ at the final epoch, mean over "
+            "seeds, for each DoPr optimizer at its val-loss-selected learning rate: "
+            "amplification is max/min of 1/(σᵢ + λ), how much more the preconditioner scales "
+            "the least-excited input direction than the most-excited; ⚠ marks amplification "
+            f"above {AMPLIFICATION_WARNING:g}× (raise `damping`, or leave the layer out with "
+            "`exclude`). "
+            "Per-epoch values are in the store (`ap/<layer>/<field>`).",
+            "",
+            tables["diagnostics"],
+            "",
+        ]
     lines += [
         *(
             [
