@@ -436,19 +436,9 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     by_downstream = select_lr(summaries, primary, higher_is_better=higher)
     selections = {"val_loss": by_val_loss, primary: by_downstream}
     metrics = _table_metrics(task, finals)
-    directions = {"val_loss": False} | {
-        f"{split}_{name}": better
-        for name, better in task.higher_is_better.items()
-        for split in ("val", "test")
-    }
+    directions = _directions(spec, task)
     gains = paired_gains(finals, selections, [test_primary, "val_loss"], directions)
     agreement = [mismatch(curves, name, higher) for name in (primary, test_primary)]
-    directions |= {
-        f"{name}_{metric}": better
-        for name in spec.evaluated
-        for metric, better in directions.items()
-        if metric != "val_loss"
-    }
     tables = {
         "transforms": _transforms_table(spec, summaries, by_val_loss, task, directions),
         "diagnostics": _diagnostics_table(by_val_loss, test_primary),
@@ -474,25 +464,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         write_csv(path, summaries, metrics, selections)
     with replacing(spec.directory / "dopr_vs_base.csv") as path:
         write_gains_csv(path, gains, directions)
-    with replacing(spec.directory / "curves.png") as path:
-        plot_curves(
-            path,
-            lambda summary: [
-                curves[(summary.optimizer, summary.lr, seed)] for seed in range(spec.grid_seeds)
-            ],
-            by_val_loss,
-            [("val_loss", True), (test_primary, False)],
-            f"{spec.name}: each optimizer at its val-loss-selected lr "
-            f"(mean; band: lowest to highest of {spec.grid_seeds} seeds)",
-        )
-    with replacing(spec.directory / "val_loss_vs_downstream.png") as path:
-        plot_mismatch(
-            path,
-            curves,
-            primary,
-            f"{spec.name}: {agreement[0].checkpoints.n} checkpoints, Kendall τ = "
-            f"{agreement[0].checkpoints.tau:+.2f}\n(+1: lower val_loss ⇔ better {primary})",
-        )
+    _plot_study(spec, curves, by_val_loss, agreement[0], task)
     write_html(spec.directory / "report.md", spec.name)
     return StudyResult(
         directory=spec.directory,
@@ -507,6 +479,53 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         markdown=markdown,
         wall_seconds=wall_seconds,
     )
+
+
+def _directions(spec: StudySpec, task: Task) -> dict[str, bool]:
+    """Whether higher is better for every metric the study reports: ``val_loss``, the task's
+    metrics on val and test, and the same under each transform's prefix."""
+    directions = {"val_loss": False} | {
+        f"{split}_{name}": better
+        for name, better in task.higher_is_better.items()
+        for split in ("val", "test")
+    }
+    return directions | {
+        f"{name}_{metric}": better
+        for name in spec.evaluated
+        for metric, better in directions.items()
+        if metric != "val_loss"
+    }
+
+
+def _plot_study(
+    spec: StudySpec,
+    curves: Mapping[tuple[str, float, int], Mapping[str, list[float]]],
+    by_val_loss: Mapping[str, Summary],
+    agreement: Mismatch,
+    task: Task,
+) -> None:
+    """``curves.png`` (val loss and test metric per epoch at the val-loss-selected lrs) and
+    ``val_loss_vs_downstream.png`` (every checkpoint) in the study folder."""
+    primary = f"val_{task.primary_metric}"
+    with replacing(spec.directory / "curves.png") as path:
+        plot_curves(
+            path,
+            lambda summary: [
+                curves[(summary.optimizer, summary.lr, seed)] for seed in range(spec.grid_seeds)
+            ],
+            by_val_loss,
+            [("val_loss", True), (f"test_{task.primary_metric}", False)],
+            f"{spec.name}: each optimizer at its val-loss-selected lr "
+            f"(mean; band: lowest to highest of {spec.grid_seeds} seeds)",
+        )
+    with replacing(spec.directory / "val_loss_vs_downstream.png") as path:
+        plot_mismatch(
+            path,
+            curves,
+            primary,
+            f"{spec.name}: {agreement.checkpoints.n} checkpoints, Kendall τ = "
+            f"{agreement.checkpoints.tau:+.2f}\n(+1: lower val_loss ⇔ better {primary})",
+        )
 
 
 @dataclass(frozen=True)
@@ -993,39 +1012,8 @@ def _markdown(
         lines += [_GAINS_TEXT.format(ci=CI_LABEL), "", tables["dopr_vs_base"], ""]
     else:
         lines += ["No optimizer X ran together with dopr-X.", ""]
-    if tables["diagnostics"]:
-        lines += [
-            "## DoPr diagnostics",
-            "",
-            "Spectrum of each layer's activation second moment Σ at the final epoch, mean over "
-            "seeds, for each DoPr optimizer at its val-loss-selected learning rate: "
-            "amplification is max/min of 1/(σᵢ + λ), how much more the preconditioner scales "
-            "the least-excited input direction than the most-excited; ⚠ marks amplification "
-            f"above {AMPLIFICATION_WARNING:g}× (raise `damping`, or leave the layer out with "
-            "`exclude`). "
-            "Per-epoch values are in the store (`ap/<layer>/<field>`).",
-            "",
-            tables["diagnostics"],
-            "",
-        ]
+    lines += _optional_sections(spec, task, tables)
     lines += [
-        *(
-            [
-                "## Weight averages and ensembles, judged by their rollouts",
-                "",
-                f"SWA averages the end-of-epoch weights from epoch {swa_start(task.epochs)} on, "
-                f"EMA with decay {EMA_DECAY} per epoch; Ens deploys the final models of the "
-                f"{spec.grid_seeds} seeds as one model (the mean of their outputs; SWA+Ens: of "
-                "their SWA models), a single model per configuration and so without a spread. "
-                "Every transformed model is evaluated by the task's own rollouts, like the base "
-                "model.",
-                "",
-                tables["transforms"],
-                "",
-            ]
-            if spec.evaluated
-            else []
-        ),
         "## Val loss vs downstream metric",
         "",
         _KENDALL_TEXT,
@@ -1041,6 +1029,41 @@ def _markdown(
         "![val loss and test metric per epoch at the val-loss-selected lr](curves.png)",
     ]
     return "\n".join(lines)
+
+
+def _optional_sections(spec: StudySpec, task: Task, tables: Mapping[str, str]) -> list[str]:
+    """The report's sections that only some studies have: DoPr diagnostics, transforms."""
+    lines: list[str] = []
+    if tables["diagnostics"]:
+        lines += [
+            "## DoPr diagnostics",
+            "",
+            "Spectrum of each layer's activation second moment Σ at the final epoch, mean over "
+            "seeds, for each DoPr optimizer at its val-loss-selected learning rate: "
+            "amplification is max/min of 1/(σᵢ + λ), how much more the preconditioner scales "
+            "the least-excited input direction than the most-excited; ⚠ marks amplification "
+            f"above {AMPLIFICATION_WARNING:g}× (raise `damping`, or leave the layer out with "
+            "`exclude`). "
+            "Per-epoch values are in the store (`ap/<layer>/<field>`).",
+            "",
+            tables["diagnostics"],
+            "",
+        ]
+    if spec.evaluated:
+        lines += [
+            "## Weight averages and ensembles, judged by their rollouts",
+            "",
+            f"SWA averages the end-of-epoch weights from epoch {swa_start(task.epochs)} on, "
+            f"EMA with decay {EMA_DECAY} per epoch; Ens deploys the final models of the "
+            f"{spec.grid_seeds} seeds as one model (the mean of their outputs; SWA+Ens: of "
+            "their SWA models), a single model per configuration and so without a spread. "
+            "Every transformed model is evaluated by the task's own rollouts, like the base "
+            "model.",
+            "",
+            tables["transforms"],
+            "",
+        ]
+    return lines
 
 
 def _summary_markdown(
