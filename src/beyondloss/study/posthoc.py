@@ -227,17 +227,7 @@ def run_posthoc_study(
     runs with one torch thread in this process (restored on return).
     """
     began = time.perf_counter()
-    spec = DATASETS[dataset] if isinstance(dataset, str) and dataset in DATASETS else dataset
-    if not isinstance(spec, NoisyLabelDataset):
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    if not 0.0 <= noise <= 1.0:
-        raise ValueError(f"noise must be in [0, 1], got {noise}")
-    if noise_kind not in NOISE_KINDS:
-        raise ValueError(f"unknown noise kind {noise_kind!r}; expected one of {NOISE_KINDS}")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    spec = _check_arguments(dataset, noise, noise_kind, seeds, workers)
     grid_lrs = _grid_values("lrs", lrs if lrs is not None else [spec.lr], allow_zero=False)
     grid_wds = _grid_values(
         "weight_decays",
@@ -245,82 +235,44 @@ def run_posthoc_study(
         allow_zero=True,
     )
     configs = list(product(grid_lrs, grid_wds))
-    preferred = (spec.lr, spec.weight_decay)
-    default = preferred if preferred in configs else configs[0]
+    default = next((c for c in configs if c == (spec.lr, spec.weight_decay)), configs[0])
     out = Path(out)
     directory = out / study_name(spec.name, noise, noise_kind)
     directory.mkdir(parents=True, exist_ok=True)
-    if command is None:
-        command = (
-            f"run_posthoc_study({spec.name!r}, noise={noise:g}, noise_kind={noise_kind!r}, "
-            f"seeds={seeds}, lrs={list(grid_lrs)}, weight_decays={list(grid_wds)}, "
-            f"out={str(out)!r}, workers={workers})"
+    call = f"run_posthoc_study({spec.name!r}, noise={noise:g}, noise_kind={noise_kind!r}, "
+    call += f"seeds={seeds}, lrs={list(grid_lrs)}, weight_decays={list(grid_wds)}, "
+    command = command or call + f"out={str(out)!r}, workers={workers})"
+    jobs = [
+        _Job(
+            dataset=spec,
+            noise=noise,
+            kind=noise_kind,
+            lr=lr,
+            weight_decay=wd,
+            seed=seed,
+            run_id=(name := run_id(spec, noise, noise_kind, lr, wd, seed)),
+            log_path=directory / "runs" / name / LOG_NAME,
+            db=out / STORE_NAME,
+            study=directory.name,
         )
-
-    jobs = []
-    for lr, wd in configs:
-        for seed in range(seeds):
-            name = run_id(spec, noise, noise_kind, lr, wd, seed)
-            jobs.append(
-                _Job(
-                    dataset=spec,
-                    noise=noise,
-                    kind=noise_kind,
-                    lr=lr,
-                    weight_decay=wd,
-                    seed=seed,
-                    run_id=name,
-                    log_path=directory / "runs" / name / LOG_NAME,
-                    db=out / STORE_NAME,
-                    study=directory.name,
-                )
-            )
+        for lr, wd in configs
+        for seed in range(seeds)
+    ]
     pending = [job for job in jobs if not job.log_path.exists()]
     skipped = tuple(job.run_id for job in jobs if job.log_path.exists())
     transforms = [c for c in TRANSFORMS if seeds > 1 or not c.ensemble]
-    paths: dict[str, list[Path]] = {}
-    for job in jobs:
-        paths.setdefault(config_name(job.lr, job.weight_decay), []).append(job.log_path)
-    with LocalExecutor(workers) as pool:
-        training = [(_run_one, job) for job in pending]
-        names = [job.run_id for job in pending]
-        pool.run(training, names, "training", progress, total=len(jobs))
-        grid = {g: [_load(path, spec.epochs) for path in ps] for g, ps in paths.items()}
-        tasks = [(g, c) for g in grid for c in transforms]
-        names = [f"{c.name} of {g}" for g, c in tasks]
-        if workers > 1:
-            calls = [(_curves_one, tuple(paths[g]), c) for g, c in tasks]
-            computed = pool.run(calls, names, "curves", progress)
-        else:
-            calls = [(transform_curves, grid[g], c) for g, c in tasks]
-            computed = LocalExecutor(0).run(calls, names, "curves", progress)
-    book = _Book(grid, dict(zip(tasks, computed, strict=True)))
+    grid, book = _train_and_track(jobs, pending, transforms, workers, progress)
     default_name = config_name(*default)
     default_book = _Book({default_name: grid[default_name]}, book.computed)
-
-    rows = [
-        {"scope": "default"} | row
-        for metric in SELECTION_METRICS
-        for row in compare_selection(default_book.grid, transforms, metric, default_book)
-    ]
-    if len(grid) > 1:
-        rows += [
-            {"scope": "grid"} | row
-            for metric in SELECTION_METRICS
-            for row in compare_selection(grid, transforms, metric, book)
-        ]
+    rows = _selection_rows(grid, book, default_book, transforms)
     curves = {c.name: default_book.curves(default_name, c) for c in transforms}
     data = spec.build(noise, noise_kind)
     with replacing(directory / "curves.png") as path:
         _plot(path, curves, f"{directory.name}, {default_name}, {seeds} seeds")
     reversal = _reversal_markdown(directory.name, curves, book, transforms)
-    with replacing(directory / "reversal.md") as path:
-        path.write_text(reversal + "\n")
-    with replacing(directory / "table.csv") as path:
-        _write_csv(path, rows)
+    _write_tables(directory, reversal, rows)
     trained = tuple(job.run_id for job in pending)
     wall_seconds = time.perf_counter() - began
-    setup = _setup_text(spec, data, noise, noise_kind, seeds, configs)
     header = [
         f"# Post-hoc selection study `{directory.name}`",
         "",
@@ -328,12 +280,10 @@ def run_posthoc_study(
         f"Wall time: {wall_seconds:.1f} s ({len(trained)} runs trained, {len(skipped)} already "
         f"complete; {workers} workers)",
         "",
-        setup,
+        _setup_text(spec, data, noise, noise_kind, seeds, configs),
     ]
     markdown = _table_markdown(header, default_name, len(configs), rows)
-    with replacing(directory / "report.md") as path:
-        path.write_text(markdown + "\n")
-    write_html(directory / "report.md", directory.name)
+    _write_report(directory, markdown)
     return PosthocStudyResult(
         directory=directory,
         trained=trained,
@@ -343,6 +293,84 @@ def run_posthoc_study(
         reversal=reversal,
         wall_seconds=wall_seconds,
     )
+
+
+def _write_tables(directory: Path, reversal: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``reversal.md`` and ``table.csv`` in the study folder, each atomically."""
+    with replacing(directory / "reversal.md") as path:
+        path.write_text(reversal + "\n")
+    with replacing(directory / "table.csv") as path:
+        _write_csv(path, rows)
+
+
+def _write_report(directory: Path, markdown: str) -> None:
+    """``report.md`` and its self-contained ``report.html`` in the study folder."""
+    with replacing(directory / "report.md") as path:
+        path.write_text(markdown + "\n")
+    write_html(directory / "report.md", directory.name)
+
+
+def _selection_rows(
+    grid: Mapping[str, Sequence[PosthocLog]],
+    book: _Book,
+    default_book: _Book,
+    transforms: Sequence[Composition],
+) -> list[dict[str, Any]]:
+    """Naive vs post-hoc selection rows per selection metric and transform: over the default
+    config's epochs (scope ``"default"``) and, with several configs, over the grid."""
+    scopes = [("default", default_book)] + ([("grid", book)] if len(grid) > 1 else [])
+    return [
+        {"scope": scope} | row
+        for scope, scoped in scopes
+        for metric in SELECTION_METRICS
+        for row in compare_selection(scoped.grid, transforms, metric, scoped)
+    ]
+
+
+def _check_arguments(
+    dataset: str | NoisyLabelDataset, noise: float, noise_kind: str, seeds: int, workers: int
+) -> NoisyLabelDataset:
+    """The dataset named by ``dataset``; ``ValueError`` for any invalid argument."""
+    spec = DATASETS[dataset] if isinstance(dataset, str) and dataset in DATASETS else dataset
+    if not isinstance(spec, NoisyLabelDataset):
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {noise}")
+    if noise_kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {noise_kind!r}; expected one of {NOISE_KINDS}")
+    for name, value in (("seeds", seeds), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return spec
+
+
+def _train_and_track(
+    jobs: Sequence[_Job],
+    pending: Sequence[_Job],
+    transforms: Sequence[Composition],
+    workers: int,
+    progress: bool,
+) -> tuple[dict[str, list[PosthocLog]], _Book]:
+    """Train ``pending`` in the pool, load every run's log by config, and compute the curves
+    of every transform of every config (in the pool when ``workers > 1``)."""
+    epochs = jobs[0].dataset.epochs
+    paths: dict[str, list[Path]] = {}
+    for job in jobs:
+        paths.setdefault(config_name(job.lr, job.weight_decay), []).append(job.log_path)
+    with LocalExecutor(workers) as pool:
+        training = [(_run_one, job) for job in pending]
+        names = [job.run_id for job in pending]
+        pool.run(training, names, "training", progress, total=len(jobs))
+        grid = {g: [_load(path, epochs) for path in ps] for g, ps in paths.items()}
+        tasks = [(g, c) for g in grid for c in transforms]
+        names = [f"{c.name} of {g}" for g, c in tasks]
+        if workers > 1:
+            calls = [(_curves_one, tuple(paths[g]), c) for g, c in tasks]
+            computed = pool.run(calls, names, "curves", progress)
+        else:
+            calls = [(transform_curves, grid[g], c) for g, c in tasks]
+            computed = LocalExecutor(0).run(calls, names, "curves", progress)
+    return grid, _Book(grid, dict(zip(tasks, computed, strict=True)))
 
 
 class _Book(CurveBook):
@@ -545,59 +573,71 @@ def _reversal_markdown(
         "points, NLL in nats.",
     ]
     for metric in SELECTION_METRICS:
-        scale = 100.0 if metric == "error" else 1.0
-        digits = 2 if metric == "error" else 4
-        tables = {
-            split: {
-                row["transform"]: row for row in reversal_table(curves, metric=metric, split=split)
-            }
-            for split, _ in _SPLITS
-        }
-        head = [
-            "transform",
-            "val: best epoch base → transform",
-            "reversed pairs",
-            "largest reversal (epochs: size)",
-            "val regret",
-            "test: best epochs",
-            "test regret",
-            "clean test: best epochs",
-            "clean test regret",
-        ]
-        lines += [
-            "",
-            f"## {metric} over epochs",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|---|" + "---|" * (len(head) - 1),
-        ]
-        for name_ in curves:
-            if name_ == "base":
-                continue
-            val = tables["val"][name_]
-            largest = (
-                "–"
-                if val["largest_pair"] is None
-                else f"{val['largest_pair'][0]} vs {val['largest_pair'][1]}: "
-                f"{scale * val['largest_reversal']:.{digits}f}"
-            )
-            cells = [
-                name_,
-                f"{val['base_best']} → {val['posthoc_best']}",
-                f"{val['n_reversed']} ({100 * val['reversed_fraction']:.1f} %)",
-                largest,
-                f"{scale * val['regret']:.{digits}f}",
-            ]
-            for split in ("test", "test_clean"):
-                row = tables[split][name_]
-                cells += [
-                    f"{row['base_best']} → {row['posthoc_best']}",
-                    f"{scale * row['regret']:.{digits}f}",
-                ]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += _epoch_reversal_lines(curves, metric)
+    lines += _mismatch_lines(curves)
+    if len(book.grid) > 1:
+        lines += _config_reversal_lines(book, transforms)
+    return "\n".join(lines)
 
-    mismatch = reversal_table(curves, metric="nll", split="val")
+
+def _epoch_reversal_lines(curves: Mapping[str, Curves], metric: str) -> list[str]:
+    """The reversal table over epochs of ``metric`` (default config, curves mean over seeds)."""
+    scale = 100.0 if metric == "error" else 1.0
+    digits = 2 if metric == "error" else 4
+    lines: list[str] = []
+    tables = {
+        split: {row["transform"]: row for row in reversal_table(curves, metric=metric, split=split)}
+        for split, _ in _SPLITS
+    }
+    head = [
+        "transform",
+        "val: best epoch base → transform",
+        "reversed pairs",
+        "largest reversal (epochs: size)",
+        "val regret",
+        "test: best epochs",
+        "test regret",
+        "clean test: best epochs",
+        "clean test regret",
+    ]
     lines += [
+        "",
+        f"## {metric} over epochs",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---|" * (len(head) - 1),
+    ]
+    for name_ in curves:
+        if name_ == "base":
+            continue
+        val = tables["val"][name_]
+        largest = (
+            "–"
+            if val["largest_pair"] is None
+            else f"{val['largest_pair'][0]} vs {val['largest_pair'][1]}: "
+            f"{scale * val['largest_reversal']:.{digits}f}"
+        )
+        cells = [
+            name_,
+            f"{val['base_best']} → {val['posthoc_best']}",
+            f"{val['n_reversed']} ({100 * val['reversed_fraction']:.1f} %)",
+            largest,
+            f"{scale * val['regret']:.{digits}f}",
+        ]
+        for split in ("test", "test_clean"):
+            row = tables[split][name_]
+            cells += [
+                f"{row['base_best']} → {row['posthoc_best']}",
+                f"{scale * row['regret']:.{digits}f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _mismatch_lines(curves: Mapping[str, Curves]) -> list[str]:
+    """The loss–error mismatch table on val: where NLL and error disagree on the best epoch."""
+    mismatch = reversal_table(curves, metric="nll", split="val")
+    lines = [
         "",
         "## Loss–error mismatch on val",
         "",
@@ -616,32 +656,35 @@ def _reversal_markdown(
             f"| {row['mismatch_mismatched_steps']} / {row['mismatch_steps_after_nll_min']} "
             f"| {'yes' if row['mismatch_mismatch'] else 'no'} |"
         )
+    return lines
 
-    if len(book.grid) > 1:
-        lines += [
-            "",
-            "## Over configs",
-            "",
-            "Each config scored by its naive criterion (mean over seeds of the base model's "
-            "best val metric) and by its post-hoc criterion (the same for the transformed "
-            "model); reversed pairs of configs, the config each criterion picks, and the "
-            "post-hoc regret of the naive pick.",
-            "",
-            "| transform | metric | reversed pairs | naive best | post-hoc best | regret |",
-            "|---|---|---|---|---|---|",
-        ]
-        for metric in SELECTION_METRICS:
-            scale, digits = (100.0, 2) if metric == "error" else (1.0, 4)
-            for c in transforms:
-                if c.name == "base":
-                    continue
-                row = config_reversal(book, c, metric)
-                lines.append(
-                    f"| {c.name} | val {metric} | {row['n_reversed']} "
-                    f"({100 * row['reversed_fraction']:.0f} %) | {row['base_best']} "
-                    f"| {row['posthoc_best']} | {scale * row['regret']:.{digits}f} |"
-                )
-    return "\n".join(lines)
+
+def _config_reversal_lines(book: CurveBook, transforms: Sequence[Composition]) -> list[str]:
+    """The reversal table over configs: each scored by its naive and post-hoc criterion."""
+    lines = [
+        "",
+        "## Over configs",
+        "",
+        "Each config scored by its naive criterion (mean over seeds of the base model's "
+        "best val metric) and by its post-hoc criterion (the same for the transformed "
+        "model); reversed pairs of configs, the config each criterion picks, and the "
+        "post-hoc regret of the naive pick.",
+        "",
+        "| transform | metric | reversed pairs | naive best | post-hoc best | regret |",
+        "|---|---|---|---|---|---|",
+    ]
+    for metric in SELECTION_METRICS:
+        scale, digits = (100.0, 2) if metric == "error" else (1.0, 4)
+        for c in transforms:
+            if c.name == "base":
+                continue
+            row = config_reversal(book, c, metric)
+            lines.append(
+                f"| {c.name} | val {metric} | {row['n_reversed']} "
+                f"({100 * row['reversed_fraction']:.0f} %) | {row['base_best']} "
+                f"| {row['posthoc_best']} | {scale * row['regret']:.{digits}f} |"
+            )
+    return lines
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
