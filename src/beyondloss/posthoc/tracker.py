@@ -38,7 +38,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from beyondloss.metrics.classification import classification_metrics
+from beyondloss.metrics.classification import (
+    classification_metrics,
+    stacked_classification_metrics,
+)
 from beyondloss.posthoc.averaging import EMA, SWA, WeightAverage
 
 SPLITS = ("val", "test")
@@ -147,13 +150,17 @@ class PosthocLog:
         """Untransformed metrics of every kind at the ``index``-th logged epoch, keyed
         ``"{kind}/{split}_{metric}"`` and, with clean labels, ``"{kind}/{split}_clean_{metric}"``.
         """
-        out: dict[str, float] = {}
-        for (kind, split), stored in self._logits.items():
-            variants = [("", False)] + ([("_clean", True)] if self.has_clean(split) else [])
-            for suffix, clean in variants:
-                values = classification_metrics(stored[index], self.labels(split, clean))
-                out.update({f"{kind}/{split}{suffix}_{m}": v for m, v in values.items()})
-        return out
+        pairs = [
+            (f"{kind}/{split}{suffix}", stored[index], self.labels(split, clean))
+            for (kind, split), stored in self._logits.items()
+            for suffix, clean in [("", False), ("_clean", True)][: 1 + self.has_clean(split)]
+        ]
+        values = stacked_classification_metrics([z for _, z, _ in pairs], [y for *_, y in pairs])
+        return {
+            f"{prefix}_{metric}": value
+            for (prefix, _, _), metrics in zip(pairs, values, strict=True)
+            for metric, value in metrics.items()
+        }
 
     def to_tensors(self) -> dict[str, Tensor]:
         """Flat ``{name: Tensor}`` form (what :meth:`save` writes)."""
