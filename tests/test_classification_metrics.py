@@ -76,3 +76,20 @@ def test_shape_mismatch_is_refused() -> None:
         nll(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="n_bins"):
         ece(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), n_bins=0)
+
+
+def test_stacked_metrics_equal_the_single_pair_metrics() -> None:
+    from beyondloss.metrics.classification import stacked_classification_metrics
+
+    generator = torch.Generator().manual_seed(3)
+    scores = [3 * torch.randn(n, 7, generator=generator) for n in (50, 1, 120)]
+    scores[0] = scores[0].half()  # stored logits are float16
+    scores[1][0, 2] = 80.0  # a saturated softmax
+    labels = [torch.randint(0, 7, (z.shape[0],), generator=generator) for z in scores]
+    stacked = stacked_classification_metrics(scores, labels)
+    for z, y, values in zip(scores, labels, stacked, strict=True):
+        assert values == pytest.approx(classification_metrics(z, y), rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="as many label sets"):
+        stacked_classification_metrics(scores, labels[:2])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        stacked_classification_metrics(scores[:1], labels[1:2])
