@@ -517,5 +517,13 @@ def test_seed_ensembles_are_deployed_as_one_model_and_selected_post_hoc(tmp_path
     assert math.isnan(summary.half_width["ens_test_err"])
     markdown = (result.directory / "report.md").read_text()
     assert "post-hoc selection for SWA+Ens" in markdown
+    assert "## Which model to deploy" in markdown
+    [joint_row] = [row for row in markdown.splitlines() if row.startswith("| **all optimizers**")]
+    best = max(
+        (s.mean[f"{p}val_score"], s.optimizer, s.lr)
+        for s in result.summaries
+        for p in ("", "swa_", "ens_", "swa_ens_")
+    )
+    assert f" {best[1]}, " in joint_row and f"@{best[2]:g}:" in joint_row
     again = run_study(spec, progress=False)
     assert again.trained == () and again.summaries == result.summaries

@@ -108,7 +108,8 @@ def format_lr(lr: float) -> str:
     return f"{lr:g}"
 
 
-def _cell(summary: Summary, metric: str) -> str:
+def format_cell(summary: Summary, metric: str) -> str:
+    """``mean ± CI half-width`` of ``metric`` (the mean alone where the half-width is NaN)."""
     mean = summary.mean.get(metric, math.nan)
     half_width = summary.half_width.get(metric, math.nan)
     if math.isnan(half_width):
@@ -139,7 +140,7 @@ def markdown_table(
     ]
     for summary in rows:
         cells = [summary.optimizer, format_lr(summary.lr), str(summary.n)]
-        cells += [_cell(summary, metric) for metric in metrics]
+        cells += [format_cell(summary, metric) for metric in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -53,6 +53,7 @@ from beyondloss.study.report import (
     Mismatch,
     Summary,
     dopr_pairs,
+    format_cell,
     format_lr,
     gains_table,
     markdown_table,
@@ -442,6 +443,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     tables = {
         "transforms": _transforms_table(spec, summaries, by_val_loss, task, directions),
         "diagnostics": _diagnostics_table(by_val_loss, test_primary),
+        "deploy": _deploy_table(spec, summaries, task),
         "val_loss": markdown_table(list(by_val_loss.values()), metrics, directions),
         "downstream": markdown_table(list(by_downstream.values()), metrics, directions),
         "dopr_vs_base": gains_table(gains, [test_primary, "val_loss"], directions),
@@ -871,6 +873,61 @@ _DIAGNOSTICS = (
 """Per-layer fields of the activation preconditioner's spectrum shown in reports."""
 
 
+def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
+    """Which model to deploy: per optimizer, the test primary metric of the model each
+    criterion selects (the lr, and for post-hoc criteria the transform), then the joint choice
+    by the best validation metric over lr × {base, transforms}, per optimizer and overall.
+    ``†`` marks a post-hoc choice whose lr differs from the one the base model's downstream
+    criterion picks (the transform reverses the lr ranking)."""
+    primary, higher = task.primary_metric, task.higher_is_better[task.primary_metric]
+    criteria = [("val loss", "val_loss", "", False), ("downstream", f"val_{primary}", "", higher)]
+    criteria += [
+        (f"post-hoc {_TRANSFORM_LABELS[name]}", f"{name}_val_{primary}", f"{name}_", higher)
+        for name in spec.evaluated
+    ]
+    head = ["optimizer", *(label for label, *_ in criteria), "joint (val over lr × model)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
+    base_lr = {o: s.lr for o, s in select_lr(summaries, f"val_{primary}", higher).items()}
+    joint: list[tuple[float, str, Summary, str]] = []
+    for optimizer in spec.optimizers:
+        cells = [optimizer]
+        for _, metric, prefix, better in criteria:
+            chosen = select_lr([s for s in summaries if s.optimizer == optimizer], metric, better)
+            summary = chosen[optimizer]
+            mark = " †" if prefix and summary.lr != base_lr[optimizer] else ""
+            test = format_cell(summary, f"{prefix}test_{primary}")
+            cells.append(f"{test} @{format_lr(summary.lr)}{mark}")
+        options = [
+            (summary.mean.get(f"{prefix}val_{primary}", math.nan), label, summary, prefix)
+            for label, _, prefix, _ in criteria[1:]
+            for summary in summaries
+            if summary.optimizer == optimizer
+        ]
+        value, label, summary, prefix = min(options, key=lambda o: _rank_value(o[0], higher))
+        joint.append((value, label, summary, prefix))
+        cells.append(_joint_cell(label, summary, prefix, primary))
+        lines.append("| " + " | ".join(cells) + " |")
+    value, label, summary, prefix = min(joint, key=lambda o: _rank_value(o[0], higher))
+    lines.append(
+        "| **all optimizers** |" + " |" * len(criteria) + f" {summary.optimizer}, "
+        f"{_joint_cell(label, summary, prefix, primary)} |"
+    )
+    return "\n".join(lines)
+
+
+def _rank_value(value: float, higher_is_better: bool) -> float:
+    """Sort key of a validation value: best first, NaN last."""
+    if math.isnan(value):
+        return math.inf
+    return -value if higher_is_better else value
+
+
+def _joint_cell(label: str, summary: Summary, prefix: str, primary: str) -> str:
+    model = label.removeprefix("post-hoc ") if prefix else "base"
+    test = format_cell(summary, f"{prefix}test_{primary}")
+    return f"{model} @{format_lr(summary.lr)}: {test}"
+
+
 def _diagnostics_table(by_val_loss: Mapping[str, Summary], test_primary: str) -> str:
     """Per layer of each DoPr optimizer at its val-loss-selected lr: the final-epoch spectrum
     of its Σ (mean over seeds), beside the optimizer's test metric; layers whose amplification
@@ -1012,6 +1069,20 @@ def _markdown(
         lines += [_GAINS_TEXT.format(ci=CI_LABEL), "", tables["dopr_vs_base"], ""]
     else:
         lines += ["No optimizer X ran together with dopr-X.", ""]
+    lines += [
+        "## Which model to deploy",
+        "",
+        f"Test `{task.primary_metric}` of the model each criterion selects (mean ± {CI_LABEL} "
+        "half-width over seeds; ensembles are one model, without a spread), at the learning "
+        "rate after `@`. Val loss and downstream select the base model's lr; post-hoc "
+        "criteria select the lr by the transformed model's own validation metric (†: another "
+        "lr than the base model's downstream choice). Joint: the best validation metric over "
+        "every lr and every model (base and transforms) of the optimizer, and over all "
+        "optimizers in the last row.",
+        "",
+        tables["deploy"],
+        "",
+    ]
     lines += _optional_sections(spec, task, tables)
     lines += [
         "## Val loss vs downstream metric",
@@ -1111,5 +1182,7 @@ def _summary_markdown(
         ]
         if result.gains:
             lines += ["DoPr vs base:", "", result.tables["dopr_vs_base"], ""]
+        if first.evaluated:
+            lines += ["Which model to deploy:", "", result.tables["deploy"], ""]
         lines += ["Val loss vs downstream metric:", "", result.tables["kendall"]]
     return "\n".join(lines)
