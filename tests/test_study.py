@@ -525,5 +525,11 @@ def test_seed_ensembles_are_deployed_as_one_model_and_selected_post_hoc(tmp_path
         for p in ("", "swa_", "ens_", "swa_ens_")
     )
     assert f" {best[1]}, " in joint_row and f"@{best[2]:g}:" in joint_row
+    regrets = [
+        float(row.split("|")[-2])
+        for row in result.tables["deploy"].splitlines()[2:]
+        if not row.startswith("| **all")
+    ]
+    assert len(regrets) == 2 and min(regrets) >= 0
     again = run_study(spec, progress=False)
     assert again.trained == () and again.summaries == result.summaries

@@ -886,6 +886,7 @@ def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
         for name in spec.evaluated
     ]
     head = ["optimizer", *(label for label, *_ in criteria), "joint (val over lr × model)"]
+    head += ["oracle (test over lr × model)", "joint regret"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
     base_lr = {o: s.lr for o, s in select_lr(summaries, f"val_{primary}", higher).items()}
     joint: list[tuple[float, str, Summary, str]] = []
@@ -906,11 +907,15 @@ def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
         value, label, summary, prefix = min(options, key=lambda o: _rank_value(o[0], higher))
         joint.append((value, label, summary, prefix))
         cells.append(_joint_cell(label, summary, prefix, primary))
+        tests = [(o[2].mean.get(f"{o[3]}test_{primary}", math.nan),) + o[1:] for o in options]
+        best = min(tests, key=lambda o: _rank_value(o[0], higher))
+        chosen = summary.mean.get(f"{prefix}test_{primary}", math.nan)
+        cells += [_joint_cell(*best[1:], primary), f"{abs(best[0] - chosen):.4g}"]
         lines.append("| " + " | ".join(cells) + " |")
     value, label, summary, prefix = min(joint, key=lambda o: _rank_value(o[0], higher))
     lines.append(
         "| **all optimizers** |" + " |" * len(criteria) + f" {summary.optimizer}, "
-        f"{_joint_cell(label, summary, prefix, primary)} |"
+        f"{_joint_cell(label, summary, prefix, primary)} | | |"
     )
     return "\n".join(lines)
 
@@ -1078,7 +1083,9 @@ def _markdown(
         "criteria select the lr by the transformed model's own validation metric (†: another "
         "lr than the base model's downstream choice). Joint: the best validation metric over "
         "every lr and every model (base and transforms) of the optimizer, and over all "
-        "optimizers in the last row.",
+        "optimizers in the last row. Oracle: the best *test* value over the same candidates "
+        "(not a selection a user can make); joint regret: how far the joint choice falls short "
+        "of it.",
         "",
         tables["deploy"],
         "",
