@@ -719,17 +719,25 @@ def _ensemble_one(job: _EnsembleJob) -> None:
             values = task.evaluate(ensemble, split, primary_only=split == "val")
             metrics |= {f"{name}_{split}_{metric}": value for metric, value in values.items()}
     with ResultsStore(first.db) as store:
-        store.add_run(
-            job.run_id,
-            task=first.task,
-            optimizer=first.optimizer,
-            lr=first.lr,
-            weight_decay=first.weight_decay,
-            seed=-1,
-            config={"study": first.study, "members": [m.run_id for m in job.members]},
-        )
+        config = {"study": first.study, "members": [m.run_id for m in job.members]}
+        _register(store, first, job.run_id, -1, config)
         store.log_epoch(job.run_id, task.epochs, metrics)
         store.mark_complete(job.run_id)
+
+
+def _register(
+    store: ResultsStore, job: RunJob, run_id: str, seed: int, config: Mapping[str, Any]
+) -> None:
+    """Add ``run_id`` to the store with ``job``'s task, optimizer, lr and weight decay."""
+    store.add_run(
+        run_id,
+        task=job.task,
+        optimizer=job.optimizer,
+        lr=job.lr,
+        weight_decay=job.weight_decay,
+        seed=seed,
+        config=config,
+    )
 
 
 def with_ensembles(
@@ -760,28 +768,18 @@ def _run_one(job: RunJob) -> None:
     if optimizer.preconditioner is not None:
         evaluators.append(_ap_spectra(optimizer.preconditioner))
     with ResultsStore(job.db) as store:
-        store.add_run(
-            job.run_id,
-            task=job.task,
-            optimizer=job.optimizer,
-            lr=job.lr,
-            weight_decay=job.weight_decay,
-            seed=job.seed,
-            config={
-                "study": job.study,
-                "size": job.size,
-                "data_seed": DATA_SEED,
-                "task_class": task.name,
-                "epochs": task.epochs,
-                "batch_size": task.batch_size,
-            }
-            | ({"dopr": job.dopr} if job.dopr else {})
-            | (
-                {"transforms": list(job.transforms), "transform_every": job.transform_every}
-                if job.transforms
-                else {}
-            ),
-        )
+        record = {
+            "study": job.study,
+            "size": job.size,
+            "data_seed": DATA_SEED,
+            "task_class": task.name,
+            "epochs": task.epochs,
+            "batch_size": task.batch_size,
+        }
+        record |= {"dopr": job.dopr} if job.dopr else {}
+        if job.transforms:
+            record |= {"transforms": list(job.transforms), "transform_every": job.transform_every}
+        _register(store, job, job.run_id, job.seed, record)
         try:
             train(
                 model,
