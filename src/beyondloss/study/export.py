@@ -26,7 +26,7 @@ from torch import nn
 
 from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.store import ResultsStore
-from beyondloss.study.report import select_lr, summarize
+from beyondloss.study.report import rank_key, select_lr, summarize
 from beyondloss.study.ttf import (
     DATA_SEED,
     STORE_NAME,
@@ -104,15 +104,15 @@ def select_model(
     summaries = with_ensembles(summarize(finals), ensembles)
     chosen = select_lr(summaries, metric, higher_is_better=better)
     candidates = [chosen[optimizer]] if optimizer is not None else list(chosen.values())
-    best = min(candidates, key=lambda s: _rank(s.mean.get(metric, math.nan), better))
+    best = min(candidates, key=lambda s: rank_key(s.mean.get(metric, math.nan), better))
     if kind in spec.ensembles:
         values = ensembles[(best.optimizer, best.lr)]
         run_ids = tuple(spec.run_id(best.optimizer, best.lr, s) for s in range(spec.grid_seeds))
         tests = {name: v[-1] for name, v in values.items() if name.startswith(f"{kind}_test_")}
     else:
+        runs = [finals[(best.optimizer, best.lr, s)] for s in range(spec.grid_seeds)]
         seed = min(
-            range(spec.grid_seeds),
-            key=lambda s: _rank(finals[(best.optimizer, best.lr, s)].get(metric, math.nan), better),
+            range(spec.grid_seeds), key=lambda s: rank_key(runs[s].get(metric, math.nan), better)
         )
         run_ids = (spec.run_id(best.optimizer, best.lr, seed),)
         tests = {
@@ -122,12 +122,6 @@ def select_model(
         }
     stored = {name.removeprefix(f"{prefix}test_"): value for name, value in tests.items()}
     return SelectedModel(criterion, metric, best.optimizer, best.lr, kind, run_ids, stored)
-
-
-def _rank(value: float, higher_is_better: bool) -> float:
-    if math.isnan(value):
-        return math.inf
-    return -value if higher_is_better else value
 
 
 def _stored(

@@ -80,6 +80,13 @@ def summarize(finals: Mapping[RunKey, Mapping[str, float]]) -> list[Summary]:
     return summaries
 
 
+def rank_key(value: float, higher_is_better: bool) -> float:
+    """Sort key of a metric value, best first and NaN (a diverged or missing run) last."""
+    if math.isnan(value):
+        return math.inf
+    return -value if higher_is_better else value
+
+
 def select_lr(
     summaries: Sequence[Summary], metric: str, higher_is_better: bool = False
 ) -> dict[str, Summary]:
@@ -89,11 +96,9 @@ def select_lr(
     Ties go to the configuration listed first. Optimizers appear in first-appearance order of
     ``summaries``.
     """
-    sign = -1.0 if higher_is_better else 1.0
 
     def rank(summary: Summary) -> float:
-        value = summary.mean.get(metric, math.nan)
-        return math.inf if math.isnan(value) else sign * value
+        return rank_key(summary.mean.get(metric, math.nan), higher_is_better)
 
     best: dict[str, Summary] = {}
     for summary in summaries:

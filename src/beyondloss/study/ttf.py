@@ -62,6 +62,7 @@ from beyondloss.study.report import (
     paired_gains,
     plot_curves,
     plot_mismatch,
+    rank_key,
     replacing,
     select_lr,
     summarize,
@@ -902,27 +903,20 @@ def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
             for summary in summaries
             if summary.optimizer == optimizer
         ]
-        value, label, summary, prefix = min(options, key=lambda o: _rank_value(o[0], higher))
+        value, label, summary, prefix = min(options, key=lambda o: rank_key(o[0], higher))
         joint.append((value, label, summary, prefix))
         cells.append(_joint_cell(label, summary, prefix, primary))
         tests = [(o[2].mean.get(f"{o[3]}test_{primary}", math.nan),) + o[1:] for o in options]
-        best = min(tests, key=lambda o: _rank_value(o[0], higher))
+        best = min(tests, key=lambda o: rank_key(o[0], higher))
         chosen = summary.mean.get(f"{prefix}test_{primary}", math.nan)
         cells += [_joint_cell(*best[1:], primary), f"{abs(best[0] - chosen):.4g}"]
         lines.append("| " + " | ".join(cells) + " |")
-    value, label, summary, prefix = min(joint, key=lambda o: _rank_value(o[0], higher))
+    value, label, summary, prefix = min(joint, key=lambda o: rank_key(o[0], higher))
     lines.append(
         "| **all optimizers** |" + " |" * len(criteria) + f" {summary.optimizer}, "
         f"{_joint_cell(label, summary, prefix, primary)} | | |"
     )
     return "\n".join(lines)
-
-
-def _rank_value(value: float, higher_is_better: bool) -> float:
-    """Sort key of a validation value: best first, NaN last."""
-    if math.isnan(value):
-        return math.inf
-    return -value if higher_is_better else value
 
 
 def _joint_cell(label: str, summary: Summary, prefix: str, primary: str) -> str:
