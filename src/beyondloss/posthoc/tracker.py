@@ -306,26 +306,35 @@ class PosthocTracker:
                 average.load_state_dict(self._pending.pop(kind), template=model)
             average.update(model, epoch)
             models[kind] = average.module if average.n_averaged else model
-        logits = {(k, s): self._predict(m, s) for k, m in models.items() for s in SPLITS}
+        logits = {
+            (kind, split): split_logits
+            for kind, network in models.items()
+            for split, split_logits in self._predict(network).items()
+        }
         self.log.append(epoch, logits)
         self._keep(epoch, models)
         return self.log.metrics_at(-1)
 
     __call__ = update
 
-    def _predict(self, model: nn.Module, split: str) -> Tensor:
-        """Logits ``(N, C)`` of ``model`` in eval mode, computed in batches on its device."""
-        inputs = self.splits[split].inputs
+    def _predict(self, model: nn.Module) -> dict[str, Tensor]:
+        """Logits ``(N, C)`` of ``model`` on every split, in eval mode (switched once for all
+        splits), computed in batches on its device."""
         device = next(iter(model.parameters()), torch.empty(0)).device
         was_training = model.training
         model.eval()
+        out: dict[str, Tensor] = {}
         with torch.no_grad():
-            out = [
-                model(inputs[i : i + self.batch_size].to(device))
-                for i in range(0, inputs.shape[0], self.batch_size)
-            ]
+            for split in SPLITS:
+                inputs = self.splits[split].inputs
+                out[split] = torch.cat(
+                    [
+                        model(inputs[i : i + self.batch_size].to(device))
+                        for i in range(0, inputs.shape[0], self.batch_size)
+                    ]
+                )
         model.train(was_training)
-        return torch.cat(out)
+        return out
 
     def _keep(self, epoch: int, models: Mapping[str, nn.Module]) -> None:
         if not (self.keep_states or self.state_dir):
