@@ -1,5 +1,7 @@
-"""Command line: ``beyondloss ttf TASK [options]`` runs the test-time-feedback study, and
-``beyondloss ttf all [options]`` runs it on every registered task.
+"""Command line: ``beyondloss study TASK [options]`` (alias ``ttf``) runs a study,
+``beyondloss study all [options]`` the suite, ``beyondloss export`` writes the model a study
+selects, ``beyondloss runs`` queries the results store and ``beyondloss posthoc`` runs the
+post-hoc reversal preset.
 
 The parser only turns text into :class:`~beyondloss.study.ttf.StudySpec` fields (whose defaults
 and validation are the library's) and calls :func:`~beyondloss.study.ttf.run_study` or
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ttf = commands.add_parser(
         "study",
         aliases=["ttf"],
-        help="study: optimizers × learning rates × seeds on one task (alias: ttf)",
+        help="optimizers × learning rates × seeds (× transforms) on one task, or the suite",
         description="Train every (optimizer, learning rate, seed) on TASK, select each "
         "optimizer's learning rate by mean final one-step validation loss (and, separately, by "
         "the downstream validation metric), and report the deployed test metrics with 95% "
