@@ -8,11 +8,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from beyondloss.optim.factory import make_optimizer
+from beyondloss.posthoc.tracker import PosthocTracker
+from beyondloss.study import posthoc, ttf
 from beyondloss.study.posthoc import TRANSFORMS, PosthocStudyResult, run_posthoc_study
 from beyondloss.study.posthoc_cli import add_posthoc_command, posthoc_command_line
 from beyondloss.tasks import noisy_labels
 from beyondloss.tasks.noisy_labels import DIGITS
+from beyondloss.train import TrainConfig, train
 
 TINY = replace(DIGITS, name="digits-tiny", epochs=3, n_samples=150, lr=1e-3)
 NAMES = [c.name for c in TRANSFORMS]
@@ -37,7 +42,7 @@ def test_study_trains_every_run_and_writes_its_files(study: PosthocStudyResult) 
     assert len(study.trained) == 4 and study.skipped == ()
     for name in ("report.md", "table.csv", "reversal.md", "curves.png"):
         assert (study.directory / name).stat().st_size > 0
-    assert len(list(study.directory.glob("runs/*/posthoc.pt"))) == 4
+    assert len(list(study.directory.glob("runs/*/checkpoint.pt"))) == 4
     assert (study.directory.parent / "beyondloss.db").exists()
 
 
@@ -101,3 +106,38 @@ def test_cli_parses_and_validates_its_options() -> None:
     for bad in (["--noise", "1.5"], ["--lrs", "0"], ["--seeds", "0"], ["--noise-kind", "x"]):
         with pytest.raises(SystemExit):
             _parser().parse_args(["posthoc", "digits", *bad])
+
+
+def test_a_killed_run_resumes_with_its_logits_and_swa(tmp_path: Path) -> None:
+    """The run's checkpoint holds the tracker: 2 epochs, then a restart to 3, equals 3 straight."""
+    job = posthoc.run_job(TINY, 0.4, "symmetric", 1e-3, 0.0, 0, tmp_path)
+    task = job.factory(job.size, job.data_seed)
+
+    def fit(epochs: int, run_dir: Path) -> PosthocTracker:
+        torch.manual_seed(0)
+        model = task.make_model()
+        optimizer = make_optimizer("adamw", model, lr=1e-3)
+        (evaluator,) = ttf._evaluators(task, job)
+        config = TrainConfig(epochs=epochs, batch_size=task.batch_size, seed=0)
+        train(
+            model,
+            optimizer,
+            task.splits().train,
+            task.loss,
+            config,
+            [evaluator],
+            run_dir=run_dir,
+            progress=False,
+        )
+        return evaluator.tracker
+
+    fit(2, tmp_path / "killed")
+    resumed, straight = fit(3, tmp_path / "killed"), fit(3, tmp_path / "clean")
+    assert resumed.epochs == straight.epochs == [1, 2, 3]
+    for kind in ("base", "swa"):
+        for split in ("val", "test"):
+            assert torch.equal(resumed.logits(kind, split), straight.logits(kind, split))
+    swa = resumed.averages["swa"].module.state_dict()
+    assert all(
+        torch.equal(v, straight.averages["swa"].module.state_dict()[k]) for k, v in swa.items()
+    )

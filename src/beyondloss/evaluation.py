@@ -10,6 +10,10 @@ example, the same weight average it had.
 (:mod:`beyondloss.posthoc.averaging`) and evaluates the *averaged* model with the task's own
 ``evaluate``: a weight-averaged policy, flow, dynamics model or generator is rolled out exactly
 as the base model is, so post-hoc transforms are compared with the base on the deployed metric.
+
+:class:`LogitsEvaluator` puts the :class:`~beyondloss.posthoc.tracker.PosthocTracker` (per-epoch
+logits of a classifier and its SWA, for temperature scaling and ensembles chosen after training)
+in the same loop, checkpointed the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from beyondloss.posthoc.averaging import WeightAverage
+from beyondloss.posthoc.tracker import PosthocTracker
 
 Deployment = Callable[[nn.Module], Mapping[str, float]]
 """``model -> metrics``: how a model is judged when deployed, e.g. ``task.evaluate`` on a split."""
@@ -80,3 +85,34 @@ class WeightAverageEvaluator:
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
         """Restore the average; ``model`` is the run's model, used as the template."""
         self.average.load_state_dict(state, model)
+
+
+class LogitsEvaluator:
+    """The tracker's metrics each epoch, and its logits and averages in every checkpoint.
+
+    Returns the tracker's ``{kind}/{split}_{metric}`` (see
+    :class:`~beyondloss.posthoc.tracker.PosthocTracker`) and, for the base model, the names a
+    study reads for every task: ``{split}_{metric}`` (``val_error``, ``test_clean_nll``, ...)
+    and ``val_loss``, the base model's val NLL. All are computed from the float16 logits the
+    tracker stores, so they are exactly what post-hoc selection sees.
+    """
+
+    def __init__(self, tracker: PosthocTracker) -> None:
+        self.tracker = tracker
+
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        metrics = self.tracker(model, epoch)
+        base = {
+            name.removeprefix("base/"): value
+            for name, value in metrics.items()
+            if name.startswith("base/")
+        }
+        return metrics | base | {"val_loss": metrics["base/val_nll"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's logits, averages and kept states (tensors only)."""
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Restore the tracker; its averages are rebuilt on ``model``."""
+        self.tracker.load_state_dict(state, model)

@@ -369,8 +369,10 @@ class PosthocTracker:
         model.load_state_dict(self.state(kind, epoch))
         return model.eval()
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write logs, current averages and in-memory states (tensors only), atomically."""
+    def state_dict(self) -> dict[str, Tensor]:
+        """Logs, current averages and in-memory states as a flat ``{name: Tensor}`` (what
+        :meth:`save` writes). The training loop stores it in every checkpoint, so a killed run
+        resumes with its logits and averages (:meth:`load_state_dict`)."""
         out = self.log.to_tensors()
         for kind, average in self.averages.items():
             state = self._pending.get(kind) or average.state_dict()
@@ -380,24 +382,35 @@ class PosthocTracker:
         for epoch, states in self.states.items():
             for kind, state in states.items():
                 out.update({f"kept/{epoch}/{kind}/{n}": v for n, v in state.items()})
-        _atomic_save(out, Path(path))
+        return out
 
-    def load(self, path: str | os.PathLike[str]) -> None:
-        """Restore a tracker built with the same arguments from :meth:`save`'s file, to go on
-        tracking. The averages are rebuilt from the next model passed to :meth:`update`."""
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-        log = PosthocLog.from_tensors(tensors)
+    def load_state_dict(self, state: Mapping[str, Tensor], model: nn.Module | None = None) -> None:
+        """Restore a tracker built with the same arguments from :meth:`state_dict`, to go on
+        tracking. The averages are rebuilt on ``model`` (a template of the architecture), or
+        from the next model passed to :meth:`update` when ``None``."""
+        log = PosthocLog.from_tensors(state)
         if log.kinds != self.kinds:
-            raise ValueError(f"file tracks kinds {log.kinds}, this tracker {self.kinds}")
+            raise ValueError(f"state tracks kinds {log.kinds}, this tracker {self.kinds}")
         self.log = log
         self._pending = {}
-        for kind in self.averages:
+        for kind, average in self.averages.items():
             prefix = f"average/{kind}/"
-            module = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            n = int(tensors[f"n_averaged/{kind}"])
+            module = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            n = int(state[f"n_averaged/{kind}"])
             self._pending[kind] = {"module": module if n else None, "n_averaged": n}
+            if model is not None:
+                average.load_state_dict(self._pending.pop(kind), template=model)
         self.states = {}
-        for key, value in tensors.items():
+        for key, value in state.items():
             if key.startswith("kept/"):
                 _, epoch, kind, name = key.split("/", 3)
                 self.states.setdefault(int(epoch), {}).setdefault(kind, {})[name] = value
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`state_dict` with :func:`torch.save`, atomically."""
+        _atomic_save(self.state_dict(), Path(path))
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Restore from :meth:`save`'s file (see :meth:`load_state_dict`; the averages are
+        rebuilt from the next model passed to :meth:`update`)."""
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

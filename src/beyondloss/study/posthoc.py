@@ -1,10 +1,12 @@
 """The post-hoc reversal study on noisy labels: train seeds × configs, then select two ways.
 
 For one dataset (:data:`beyondloss.tasks.noisy_labels.DATASETS`) at one noise rate and kind,
-every ``(lr, weight decay, seed)`` is trained by the one training loop
-(:func:`beyondloss.train.train`) with a :class:`~beyondloss.posthoc.tracker.PosthocTracker` as
-its evaluator: SWA of the end-of-epoch weights from epoch 1, logits of the base model and of
-its SWA on val and test after every epoch. Temperatures are fitted on val (noisy labels), per
+as a :class:`~beyondloss.tasks.noisy_labels.NoisyLabelTask`, every ``(lr, weight decay, seed)``
+is a :class:`~beyondloss.study.ttf.RunJob` of the study engine: the same run ids, "done" rule,
+executor and training of a run (:func:`beyondloss.study.ttf.train_runs`) as every other study,
+with a :class:`~beyondloss.evaluation.LogitsEvaluator` as the run's evaluator: SWA of the
+end-of-epoch weights from epoch 1, logits of the base model and of its SWA on val and test
+after every epoch, kept in the run's checkpoint. Temperatures are fitted on val (noisy labels), per
 epoch, inside each transform (:class:`~beyondloss.posthoc.ensemble.Composition`).
 
 Selection (:mod:`beyondloss.selection.posthoc`) compares, for each of :data:`TRANSFORMS`,
@@ -21,10 +23,10 @@ when the grid has more than one config, over the grid (config chosen by the same
 
 Layout under ``out``: the results store ``beyondloss.db`` (shared with the other studies; one
 row per run and per (epoch, metric)) and the study folder ``posthoc-<dataset>-<kind><noise>/``
-holding ``runs/<run id>/posthoc.pt`` (the run's :class:`~beyondloss.posthoc.tracker.PosthocLog`,
-written atomically once the run is complete), ``report.md``, ``table.csv``, ``reversal.md`` and
-``curves.png``. A run whose log exists is skipped on a rerun; a run interrupted before writing
-its log is trained again from scratch (runs take seconds, so no per-epoch checkpoints).
+holding ``runs/<run id>/checkpoint.pt`` (written atomically after every epoch; it holds the
+run's :class:`~beyondloss.posthoc.tracker.PosthocLog` and SWA), ``report.md``, ``report.html``,
+``table.csv``, ``reversal.md`` and ``curves.png``. A run the store marks complete is skipped on
+a rerun; an interrupted one resumes from its checkpoint with its logits and SWA.
 
 Runs execute in ``workers`` spawned processes with one torch thread each, and so do the curves
 of the transforms (temperature fits and metrics per run and epoch, the bulk of selection) when
@@ -41,7 +43,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -49,25 +51,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from beyondloss.optim.factory import make_optimizer
 from beyondloss.posthoc.ensemble import Composition
-from beyondloss.posthoc.tracker import PosthocLog, PosthocTracker
+from beyondloss.posthoc.tracker import PosthocLog
 from beyondloss.selection.curves import CurveBook, Curves, transform_curves
 from beyondloss.selection.posthoc import compare_selection, config_reversal
 from beyondloss.selection.reversal import reversal_table
-from beyondloss.store import ResultsStore
 from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.html import write_html
 from beyondloss.study.report import replacing
-from beyondloss.study.ttf import STORE_NAME
+from beyondloss.study.ttf import STORE_NAME, RunJob, pending_runs, run_id, train_runs
 from beyondloss.tasks.noisy_labels import (
     DATASETS,
     NOISE_KINDS,
     NoisyLabelData,
     NoisyLabelDataset,
-    cross_entropy,
+    make_noisy_task,
 )
-from beyondloss.train import TrainConfig, train
+from beyondloss.train import CHECKPOINT_NAME
 
 TRANSFORMS = (
     Composition("base"),
@@ -87,9 +87,6 @@ PLOTTED = ("base", "SWA+TS", "SWA+Ens+TS")
 
 SELECTION_METRICS = ("error", "nll")
 """Val metrics that select; each table reports the test metric of the same name."""
-
-LOG_NAME = "posthoc.pt"
-"""File name of a run's tracker log inside its run directory."""
 
 _SPLITS = (("val", "val"), ("test", "test"), ("test_clean", "clean test"))
 
@@ -124,22 +121,6 @@ class PosthocStudyResult:
     wall_seconds: float
 
 
-@dataclass(frozen=True)
-class _Job:
-    """Everything a worker process needs to train one run (picklable)."""
-
-    dataset: NoisyLabelDataset
-    noise: float
-    kind: str
-    lr: float
-    weight_decay: float
-    seed: int
-    run_id: str
-    log_path: Path
-    db: Path
-    study: str
-
-
 def study_name(dataset: str, noise: float, kind: str) -> str:
     """Folder name of a study, e.g. ``posthoc-digits-symmetric0.4``."""
     return f"posthoc-{dataset}-{kind}{noise:g}"
@@ -150,11 +131,30 @@ def config_name(lr: float, weight_decay: float) -> str:
     return f"lr={lr:g},wd={weight_decay:g}"
 
 
-def run_id(
-    dataset: NoisyLabelDataset, noise: float, kind: str, lr: float, wd: float, seed: int
-) -> str:
-    """Run id, e.g. ``digits-symmetric0.4-adamw-lr0.0001-wd0-s3``."""
-    return f"{dataset.name}-{kind}{noise:g}-{dataset.optimizer}-lr{lr:g}-wd{wd:g}-s{seed}"
+def run_job(
+    dataset: NoisyLabelDataset, noise: float, kind: str, lr: float, wd: float, seed: int, out: Path
+) -> RunJob:
+    """The engine's job of one run, e.g. id ``noisy-digits-symmetric0.4-full-adamw-lr0.0001-s3``
+    (``-wd<value>`` before the seed for a non-zero weight decay)."""
+    task = f"noisy-{dataset.name}-{kind}{noise:g}"
+    study = study_name(dataset.name, noise, kind)
+    name = run_id(task, "full", dataset.optimizer, lr, seed, f"-wd{wd:g}" if wd else "")
+    return RunJob(
+        run_id=name,
+        factory=partial(make_noisy_task, dataset=dataset, noise=noise, kind=kind),
+        task=task,
+        size="full",
+        optimizer=dataset.optimizer,
+        lr=lr,
+        weight_decay=wd,
+        dopr={},
+        seed=seed,
+        run_dir=out / study / "runs" / name,
+        db=out / STORE_NAME,
+        study=study,
+        data_seed=dataset.data_seed,
+        track_logits=True,
+    )
 
 
 def _grid_values(name: str, values: Sequence[float], allow_zero: bool) -> tuple[float, ...]:
@@ -243,25 +243,12 @@ def run_posthoc_study(
     call += f"seeds={seeds}, lrs={list(grid_lrs)}, weight_decays={list(grid_wds)}, "
     command = command or call + f"out={str(out)!r}, workers={workers})"
     jobs = [
-        _Job(
-            dataset=spec,
-            noise=noise,
-            kind=noise_kind,
-            lr=lr,
-            weight_decay=wd,
-            seed=seed,
-            run_id=(name := run_id(spec, noise, noise_kind, lr, wd, seed)),
-            log_path=directory / "runs" / name / LOG_NAME,
-            db=out / STORE_NAME,
-            study=directory.name,
-        )
+        run_job(spec, noise, noise_kind, lr, wd, seed, out)
         for lr, wd in configs
         for seed in range(seeds)
     ]
-    pending = [job for job in jobs if not job.log_path.exists()]
-    skipped = tuple(job.run_id for job in jobs if job.log_path.exists())
     transforms = [c for c in TRANSFORMS if seeds > 1 or not c.ensemble]
-    grid, book = _train_and_track(jobs, pending, transforms, workers, progress)
+    (trained, skipped), grid, book = _train_and_track(jobs, transforms, workers, progress)
     default_name = config_name(*default)
     default_book = _Book({default_name: grid[default_name]}, book.computed)
     rows = _selection_rows(grid, book, default_book, transforms)
@@ -271,7 +258,6 @@ def run_posthoc_study(
         _plot(path, curves, f"{directory.name}, {default_name}, {seeds} seeds")
     reversal = _reversal_markdown(directory.name, curves, book, transforms)
     _write_tables(directory, reversal, rows)
-    trained = tuple(job.run_id for job in pending)
     wall_seconds = time.perf_counter() - began
     header = [
         f"# Post-hoc selection study `{directory.name}`",
@@ -345,22 +331,18 @@ def _check_arguments(
 
 
 def _train_and_track(
-    jobs: Sequence[_Job],
-    pending: Sequence[_Job],
-    transforms: Sequence[Composition],
-    workers: int,
-    progress: bool,
-) -> tuple[dict[str, list[PosthocLog]], _Book]:
-    """Train ``pending`` in the pool, load every run's log by config, and compute the curves
-    of every transform of every config (in the pool when ``workers > 1``)."""
-    epochs = jobs[0].dataset.epochs
+    jobs: Sequence[RunJob], transforms: Sequence[Composition], workers: int, progress: bool
+) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], dict[str, list[PosthocLog]], _Book]:
+    """Train the runs not yet complete in the pool, load every run's log by config, and compute
+    the curves of every transform of every config (in the pool when ``workers > 1``); the run
+    ids trained and skipped, the logs and the curves."""
+    epochs = jobs[0].factory(jobs[0].size, jobs[0].data_seed).epochs
     paths: dict[str, list[Path]] = {}
     for job in jobs:
-        paths.setdefault(config_name(job.lr, job.weight_decay), []).append(job.log_path)
+        paths.setdefault(config_name(job.lr, job.weight_decay), []).append(job.run_dir)
+    pending = pending_runs(jobs)
     with LocalExecutor(workers) as pool:
-        training = [(_run_one, job) for job in pending]
-        names = [job.run_id for job in pending]
-        pool.run(training, names, "training", progress, total=len(jobs))
+        done = train_runs(pool, jobs, pending, "training", progress)
         grid = {g: [_load(path, epochs) for path in ps] for g, ps in paths.items()}
         tasks = [(g, c) for g in grid for c in transforms]
         names = [f"{c.name} of {g}" for g, c in tasks]
@@ -370,7 +352,7 @@ def _train_and_track(
         else:
             calls = [(transform_curves, grid[g], c) for g, c in tasks]
             computed = LocalExecutor(0).run(calls, names, "curves", progress)
-    return grid, _Book(grid, dict(zip(tasks, computed, strict=True)))
+    return done, grid, _Book(grid, dict(zip(tasks, computed, strict=True)))
 
 
 class _Book(CurveBook):
@@ -388,9 +370,15 @@ class _Book(CurveBook):
         return self.computed[(config, composition)]
 
 
+def _read_log(run_dir: Path) -> PosthocLog:
+    """The tracker's log in the checkpoint of the run at ``run_dir``."""
+    payload = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    return PosthocLog.from_tensors(payload["evaluators"][0])
+
+
 def _load(path: Path, epochs: int) -> PosthocLog:
-    """A run's log; ``ValueError`` unless it spans epochs ``1..epochs``."""
-    log = PosthocLog.load(path)
+    """The log of the run at ``path``; ``ValueError`` unless it spans epochs ``1..epochs``."""
+    log = _read_log(path)
     if log.epochs != list(range(1, epochs + 1)):
         raise ValueError(
             f"{path} holds {len(log.epochs)} epochs, the dataset trains {epochs}: use "
@@ -402,54 +390,12 @@ def _load(path: Path, epochs: int) -> PosthocLog:
 @lru_cache(maxsize=1)
 def _logs(paths: tuple[Path, ...]) -> list[PosthocLog]:
     """The logs of one config, kept while a worker computes that config's transforms."""
-    return [PosthocLog.load(path) for path in paths]
+    return [_read_log(path) for path in paths]
 
 
 def _curves_one(paths: tuple[Path, ...], composition: Composition) -> Curves:
-    """Curves of ``composition`` over the runs whose logs are at ``paths`` (in a worker)."""
+    """Curves of ``composition`` over the runs at ``paths`` (in a worker)."""
     return transform_curves(_logs(paths), composition)
-
-
-def _run_one(job: _Job) -> None:
-    """Train one run (in a worker): register it, train with the tracker, save the log."""
-    spec = job.dataset
-    data = spec.build(job.noise, job.kind)
-    torch.manual_seed(job.seed)
-    model = spec.make_model(data.n_features, data.n_classes)
-    optimizer = make_optimizer(spec.optimizer, model, lr=job.lr, weight_decay=job.weight_decay)
-    tracker = PosthocTracker(data.val, data.test, swa_start=1)
-    config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, seed=job.seed)
-    with ResultsStore(job.db) as store:
-        store.add_run(
-            job.run_id,
-            task=f"noisy-{spec.name}",
-            optimizer=spec.optimizer,
-            lr=job.lr,
-            weight_decay=job.weight_decay,
-            seed=job.seed,
-            config={
-                "study": job.study,
-                "noise": job.noise,
-                "noise_kind": job.kind,
-                "epochs": spec.epochs,
-                "batch_size": spec.batch_size,
-                "n_samples": spec.n_samples,
-                "fractions": list(spec.fractions),
-                "data_seed": spec.data_seed,
-            },
-        )
-        train(
-            model,
-            optimizer,
-            data.train,
-            cross_entropy,
-            config,
-            [tracker],
-            store=store,
-            run_id=job.run_id,
-            progress=False,
-        )
-    tracker.log.save(job.log_path)
 
 
 def _format(metric: str, value: float, gain: bool = False) -> str:

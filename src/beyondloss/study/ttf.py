@@ -37,13 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from beyondloss.evaluation import WeightAverageEvaluator
+from beyondloss.evaluation import LogitsEvaluator, WeightAverageEvaluator
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.diagnostics import AMPLIFICATION_WARNING
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from beyondloss.optim.preconditioner import ActivationPreconditioner
 from beyondloss.posthoc.averaging import EMA, SWA
 from beyondloss.posthoc.ensemble import OutputEnsemble
+from beyondloss.posthoc.tracker import PosthocTracker
 from beyondloss.store import ResultsStore
 from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.html import write_html
@@ -270,7 +271,7 @@ class StudySpec:
         if weight decay, the transforms' tag, then for ``dopr-*`` optimizers the DoPr tags
         (``-cov10``)."""
         tags = self._base_tag + (self._dopr_tag if _is_dopr(optimizer) else "")
-        return f"{self.task}-{self.size}-{optimizer}-lr{format_lr(lr)}{tags}-s{seed}"
+        return run_id(self.task, self.size, optimizer, lr, seed, tags)
 
     def ensemble_id(self, optimizer: str, lr: float) -> str:
         """Run id of the seed ensemble of one configuration: :meth:`run_id` with ``-ens`` in
@@ -317,6 +318,12 @@ class StudySpec:
             f"-{DOPR_SETTINGS[key]}{value:g}" if not isinstance(value, str) else f"-{value}"
             for key, value in self.dopr.items()
         )
+
+
+def run_id(task: str, size: str, optimizer: str, lr: float, seed: int, tags: str = "") -> str:
+    """The one run-id scheme of every study: ``<task>-<size>-<optimizer>-lr<lr><tags>-s<seed>``,
+    where ``tags`` names whatever else changes the run (``-wd0.01``, ``-swa``, ``-cov10``)."""
+    return f"{task}-{size}-{optimizer}-lr{format_lr(lr)}{tags}-s{seed}"
 
 
 def _is_dopr(optimizer: str) -> bool:
@@ -406,6 +413,11 @@ class RunJob:
     study: str
     transforms: tuple[str, ...] = ()
     transform_every: int = 1
+    data_seed: int = DATA_SEED
+    track_logits: bool = False
+    """Evaluate with a :class:`~beyondloss.evaluation.LogitsEvaluator` instead of the study's
+    evaluators (classification tasks: the post-hoc study's per-epoch logits of the base model
+    and its SWA from epoch 1, kept in the run's checkpoint)."""
 
 
 def run_study(spec: StudySpec, progress: bool = True, command: str | None = None) -> StudyResult:
@@ -627,9 +639,9 @@ def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
 def _train_grid(spec: StudySpec, progress: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Train the runs of ``spec`` that the store does not mark complete, then evaluate the
     seed ensembles not yet stored, in the executor; the run ids trained and skipped."""
+    jobs = [run_job(spec, *key) for key in spec.grid()]
+    pending = pending_runs(jobs)
     with ResultsStore(spec.out / STORE_NAME) as store:
-        jobs = [run_job(spec, *key) for key in spec.grid()]
-        pending = [job for job in jobs if not store.is_complete(job.run_id)]
         ensembles = [
             _EnsembleJob(
                 run_id=spec.ensemble_id(optimizer, lr),
@@ -638,15 +650,8 @@ def _train_grid(spec: StudySpec, progress: bool) -> tuple[tuple[str, ...], tuple
             for optimizer, lr in grid_configs(spec)
             if spec.ensembles and not store.is_complete(spec.ensemble_id(optimizer, lr))
         ]
-    skipped = tuple(job.run_id for job in jobs if job not in pending)
     with LocalExecutor(min(spec.workers, len(pending) + len(ensembles))) as executor:
-        executor.run(
-            [(_run_one, job) for job in pending],
-            [f"run {job.run_id}" for job in pending],
-            spec.name,
-            progress,
-            total=len(jobs),
-        )
+        done = train_runs(executor, jobs, pending, spec.name, progress)
         if ensembles:
             executor.run(
                 [(_ensemble_one, job) for job in ensembles],
@@ -654,6 +659,35 @@ def _train_grid(spec: StudySpec, progress: bool) -> tuple[tuple[str, ...], tuple
                 f"{spec.name} ensembles",
                 progress,
             )
+    return done
+
+
+def pending_runs(jobs: Sequence[RunJob]) -> list[RunJob]:
+    """The jobs whose run the store does not mark complete: the one "done" rule of every study
+    (a run is complete once its last epoch is logged, or once it diverged)."""
+    if not jobs:
+        return []
+    with ResultsStore(jobs[0].db) as store:
+        return [job for job in jobs if not store.is_complete(job.run_id)]
+
+
+def train_runs(
+    executor: LocalExecutor,
+    jobs: Sequence[RunJob],
+    pending: Sequence[RunJob],
+    label: str,
+    progress: bool,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Train ``pending`` (a subset of ``jobs``, see :func:`pending_runs`) in ``executor``
+    under a bar over all ``jobs``; the run ids trained and those skipped as complete."""
+    executor.run(
+        [(_run_one, job) for job in pending],
+        [f"run {job.run_id}" for job in pending],
+        label,
+        progress,
+        total=len(jobs),
+    )
+    skipped = tuple(job.run_id for job in jobs if job not in pending)
     return tuple(job.run_id for job in pending), skipped
 
 
@@ -667,7 +701,11 @@ class _EnsembleJob:
 
 def _evaluators(task: Task, job: RunJob) -> list[Evaluator]:
     """What a run evaluates after every epoch: val loss, downstream val and test metrics, then
-    its weight averages (checkpointable, in ``job.transforms`` order)."""
+    its weight averages (checkpointable, in ``job.transforms`` order). A job that tracks logits
+    has its :class:`LogitsEvaluator` alone."""
+    if job.track_logits:
+        data = task.data()  # type: ignore[attr-defined]
+        return [LogitsEvaluator(PosthocTracker(data.val, data.test, swa_start=1))]
     splits = task.splits()
     evaluators = [
         loss_evaluator(task.loss, splits.val, "val_loss"),
@@ -683,7 +721,7 @@ def rebuild(job: RunJob, kind: str = "base") -> nn.Module:
 
     Raises ``FileNotFoundError`` without a checkpoint and ``ValueError`` for an unknown kind.
     """
-    task = job.factory(job.size, DATA_SEED)
+    task = job.factory(job.size, job.data_seed)
     payload = torch.load(job.run_dir / CHECKPOINT_NAME, weights_only=False)
     model = task.make_model()
     model.load_state_dict(payload["model"])
@@ -704,7 +742,7 @@ def _ensemble_one(job: _EnsembleJob) -> None:
     A member that did not reach the final epoch (it diverged) makes the ensemble's metrics NaN.
     """
     first = job.members[0]
-    task = first.factory(first.size, DATA_SEED)
+    task = first.factory(first.size, first.data_seed)
     complete = all(
         torch.load(m.run_dir / CHECKPOINT_NAME, weights_only=False)["epoch"] == task.epochs
         for m in job.members
@@ -757,7 +795,7 @@ def with_ensembles(
 
 def _run_one(job: RunJob) -> None:
     """Train one run (in a worker process): register it, train with evaluators, mark complete."""
-    task = job.factory(job.size, DATA_SEED)
+    task = job.factory(job.size, job.data_seed)
     splits = task.splits()
     config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, seed=job.seed)
     torch.manual_seed(job.seed)
@@ -772,7 +810,7 @@ def _run_one(job: RunJob) -> None:
         record = {
             "study": job.study,
             "size": job.size,
-            "data_seed": DATA_SEED,
+            "data_seed": job.data_seed,
             "task_class": task.name,
             "epochs": task.epochs,
             "batch_size": task.batch_size,

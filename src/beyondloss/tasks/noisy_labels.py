@@ -493,14 +493,24 @@ tabular) and into memorisation, where post-hoc transforms can reverse its trends
 
 
 def make_noisy_task(
-    size: str, data_seed: int, dataset: str = "digits", noise: float = 0.4, kind: str = "symmetric"
+    size: str,
+    data_seed: int,
+    dataset: str | NoisyLabelDataset = "digits",
+    noise: float = 0.4,
+    kind: str = "symmetric",
 ) -> NoisyLabelTask:
-    """:class:`NoisyLabelTask` on ``dataset`` (:data:`DATASETS`) with data seed ``data_seed``:
-    ``"full"`` trains the dataset's epochs, ``"quick"`` :data:`QUICK_EPOCHS`. Bind the other
-    arguments with ``functools.partial`` for a registry factory."""
+    """:class:`NoisyLabelTask` on ``dataset`` (a name in :data:`DATASETS`, or a
+    :class:`NoisyLabelDataset`) with data seed ``data_seed``: ``"full"`` trains the dataset's
+    epochs, ``"quick"`` :data:`QUICK_EPOCHS` (the dataset's own epochs for a dataset not named
+    there). Bind the other arguments with ``functools.partial`` for a registry factory."""
     if size not in ("quick", "full"):
         raise ValueError(f"unknown task size {size!r}; expected 'quick' or 'full'")
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    spec = replace(DATASETS[dataset], data_seed=data_seed)
-    return NoisyLabelTask(spec, noise, kind, QUICK_EPOCHS[dataset] if size == "quick" else None)
+    if isinstance(dataset, str):
+        if dataset not in DATASETS:
+            raise ValueError(
+                f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}"
+            )
+        dataset = DATASETS[dataset]
+    spec = replace(dataset, data_seed=data_seed)
+    epochs = QUICK_EPOCHS.get(spec.name) if size == "quick" else None
+    return NoisyLabelTask(spec, noise, kind, epochs)
