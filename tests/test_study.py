@@ -280,7 +280,7 @@ def test_spec_defaults_and_run_ids() -> None:
         ({"optimizers": ("adamw", "adam")}, "unknown optimizers"),
         ({"optimizers": ()}, "at least one optimizer"),
         ({"optimizers": ("sgd", "sgd")}, "distinct"),
-        ({"lrs": (1e-3, -1e-3)}, "positive"),
+        ({"lrs": (1e-3, -1e-3)}, "learning rates must be finite and > 0"),
         ({"lrs": (1e-3, 0.001)}, "distinct"),
         ({"seeds": 0}, "seeds"),
         ({"weight_decay": -1.0}, "weight_decay"),

@@ -47,7 +47,7 @@ def render_html(markdown: str, directory: Path, title: str) -> str:
     body = _IMAGE.sub(embed, body)
     body = _LOCAL_LINK.sub(lambda match: f'href="{match.group(1)}.html"', body)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n"
         f"<body>\n{body}</body>\n</html>\n"
     )
@@ -59,4 +59,15 @@ def write_html(markdown_path: Path, title: str) -> Path:
     page = render_html(markdown_path.read_text(), markdown_path.parent, title)
     with replacing(target) as path:
         path.write_text(page)
+    return target
+
+
+def write_report(directory: Path, markdown: str, title: str, name: str = "report") -> Path:
+    """``directory/<name>.md`` holding ``markdown`` and its self-contained ``<name>.html``, each
+    written atomically: the one writer of every study's report and of the suite's summary.
+    Returns the markdown's path."""
+    target = directory / f"{name}.md"
+    with replacing(target) as path:
+        path.write_text(markdown + "\n")
+    write_html(target, title)
     return target

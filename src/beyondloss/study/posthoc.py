@@ -57,9 +57,16 @@ from beyondloss.selection.curves import CurveBook, Curves, transform_curves
 from beyondloss.selection.posthoc import compare_selection, config_reversal
 from beyondloss.selection.reversal import reversal_table
 from beyondloss.study.executor import LocalExecutor
-from beyondloss.study.html import write_html
-from beyondloss.study.report import replacing
-from beyondloss.study.ttf import STORE_NAME, RunJob, pending_runs, run_id, train_runs
+from beyondloss.study.html import write_report
+from beyondloss.study.report import replacing, save_figure
+from beyondloss.study.ttf import (
+    STORE_NAME,
+    RunJob,
+    grid_values,
+    pending_runs,
+    run_id,
+    train_runs,
+)
 from beyondloss.tasks.noisy_labels import (
     DATASETS,
     NOISE_KINDS,
@@ -157,18 +164,6 @@ def run_job(
     )
 
 
-def _grid_values(name: str, values: Sequence[float], allow_zero: bool) -> tuple[float, ...]:
-    out = tuple(float(v) for v in values)
-    if not out:
-        raise ValueError(f"{name} must hold at least one value")
-    if not all(math.isfinite(v) and (v >= 0 if allow_zero else v > 0) for v in out):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {list(out)}")
-    if len({f"{v:g}" for v in out}) != len(out):
-        raise ValueError(f"{name} must be distinct, got {list(out)}")
-    return out
-
-
 @contextmanager
 def _single_thread() -> Iterator[None]:
     """One torch thread in this process while the study runs: its tensor work (temperature
@@ -228,8 +223,8 @@ def run_posthoc_study(
     """
     began = time.perf_counter()
     spec = _check_arguments(dataset, noise, noise_kind, seeds, workers)
-    grid_lrs = _grid_values("lrs", lrs if lrs is not None else [spec.lr], allow_zero=False)
-    grid_wds = _grid_values(
+    grid_lrs = grid_values("lrs", lrs if lrs is not None else [spec.lr], allow_zero=False)
+    grid_wds = grid_values(
         "weight_decays",
         weight_decays if weight_decays is not None else [spec.weight_decay],
         allow_zero=True,
@@ -269,7 +264,7 @@ def run_posthoc_study(
         _setup_text(spec, data, noise, noise_kind, seeds, configs),
     ]
     markdown = _table_markdown(header, default_name, len(configs), rows)
-    _write_report(directory, markdown)
+    write_report(directory, markdown, directory.name)
     return PosthocStudyResult(
         directory=directory,
         trained=trained,
@@ -287,13 +282,6 @@ def _write_tables(directory: Path, reversal: str, rows: Sequence[Mapping[str, An
         path.write_text(reversal + "\n")
     with replacing(directory / "table.csv") as path:
         _write_csv(path, rows)
-
-
-def _write_report(directory: Path, markdown: str) -> None:
-    """``report.md`` and its self-contained ``report.html`` in the study folder."""
-    with replacing(directory / "report.md") as path:
-        path.write_text(markdown + "\n")
-    write_html(directory / "report.md", directory.name)
 
 
 def _selection_rows(
@@ -683,7 +671,4 @@ def _plot(path: Path, curves: Mapping[str, Curves], title: str) -> None:
             axis.set_ylabel("error (%)" if metric == "error" else "NLL (nats)")
             axis.grid(alpha=0.3)
             axis.legend(fontsize="small")
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, title, dpi=110)

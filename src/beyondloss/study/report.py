@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -222,10 +223,7 @@ def plot_curves(
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, title)
 
 
 def dopr_pairs(optimizers: Iterable[str]) -> list[tuple[str, str]]:
@@ -466,8 +464,17 @@ def plot_mismatch(
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small")
     axis.set_title(title, fontsize="medium")
+    save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path, title: str | None = None, dpi: int = 120) -> None:
+    """Title ``figure`` (a matplotlib figure), lay it out, write it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=dpi)
     plt.close(figure)
 
 

@@ -47,7 +47,7 @@ from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.posthoc.tracker import PosthocTracker
 from beyondloss.store import ResultsStore
 from beyondloss.study.executor import LocalExecutor
-from beyondloss.study.html import write_html
+from beyondloss.study.html import write_report
 from beyondloss.study.report import (
     CI_LABEL,
     GainRow,
@@ -193,13 +193,9 @@ class StudySpec:
             )
         if len(set(optimizers)) != len(optimizers):
             raise ValueError(f"optimizers must be distinct, got {list(optimizers)}")
-        lrs = DEFAULT_LRS[self.size] if self.lrs is None else tuple(float(lr) for lr in self.lrs)
-        if not lrs:
-            raise ValueError("lrs must hold at least one learning rate")
-        if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
-            raise ValueError(f"learning rates must be finite and positive, got {list(lrs)}")
-        if len({format_lr(lr) for lr in lrs}) != len(lrs):
-            raise ValueError(f"learning rates must be distinct, got {list(lrs)}")
+        lrs = (
+            DEFAULT_LRS[self.size] if self.lrs is None else grid_values("learning rates", self.lrs)
+        )
         seeds = DEFAULT_SEEDS[self.size] if self.seeds is None else self.seeds
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
@@ -324,6 +320,21 @@ def run_id(task: str, size: str, optimizer: str, lr: float, seed: int, tags: str
     """The one run-id scheme of every study: ``<task>-<size>-<optimizer>-lr<lr><tags>-s<seed>``,
     where ``tags`` names whatever else changes the run (``-wd0.01``, ``-swa``, ``-cov10``)."""
     return f"{task}-{size}-{optimizer}-lr{format_lr(lr)}{tags}-s{seed}"
+
+
+def grid_values(label: str, values: Sequence[float], allow_zero: bool = False) -> tuple[float, ...]:
+    """``values`` of one grid axis as floats; ``ValueError`` naming ``label`` unless there is at
+    least one, all are finite and ``> 0`` (``>= 0`` with ``allow_zero``) and no two print alike
+    in a run id."""
+    out = tuple(float(v) for v in values)
+    if not out:
+        raise ValueError(f"{label} must hold at least one value")
+    if not all(math.isfinite(v) and (v >= 0 if allow_zero else v > 0) for v in out):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{label} must be finite and {bound}, got {list(out)}")
+    if len({format_lr(v) for v in out}) != len(out):
+        raise ValueError(f"{label} must be distinct, got {list(out)}")
+    return out
 
 
 def _is_dopr(optimizer: str) -> bool:
@@ -473,14 +484,12 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         skipped,
         tables,
     )
-    with replacing(spec.directory / "report.md") as path:
-        path.write_text(markdown + "\n")
     with replacing(spec.directory / "table.csv") as path:
         write_csv(path, summaries, metrics, selections)
     with replacing(spec.directory / "dopr_vs_base.csv") as path:
         write_gains_csv(path, gains, directions)
     _plot_study(spec, curves, by_val_loss, agreement[0], task)
-    write_html(spec.directory / "report.md", spec.name)
+    write_report(spec.directory, markdown, spec.name)
     return StudyResult(
         directory=spec.directory,
         trained=trained,
@@ -604,9 +613,7 @@ def run_all(
         specs, results, failures, command if command is not None else call, wall_seconds
     )
     directory.mkdir(parents=True, exist_ok=True)
-    with replacing(directory / "summary.md") as path:
-        path.write_text(markdown + "\n")
-    write_html(directory / "summary.md", directory.name)
+    write_report(directory, markdown, directory.name, name="summary")
     return SuiteResult(directory, results, failures, markdown, wall_seconds)
 
 
