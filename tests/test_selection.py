@@ -8,6 +8,7 @@ import torch
 
 from beyondloss.posthoc.ensemble import Composition
 from beyondloss.posthoc.tracker import PosthocLog
+from beyondloss.selection.configs import Summary, deploy_choices
 from beyondloss.selection.curves import CurveBook
 from beyondloss.selection.posthoc import choose, compare_selection, config_reversal
 from beyondloss.selection.reversal import (
@@ -108,3 +109,32 @@ def test_grid_selection_and_reversal_over_configs() -> None:
     reversal = config_reversal(book, Composition(final_ts=True))
     assert reversal["n_reversed"] == 1
     assert (reversal["base_best"], reversal["posthoc_best"]) == ("flat", "overfits")
+
+
+def test_deploy_choices_pick_per_criterion_and_measure_regret_against_the_test_oracle() -> None:
+    def summary(lr: float, **mean: float) -> Summary:
+        return Summary("adamw", lr, 3, mean, {k: 0.0 for k in mean})
+
+    # lr 1e-3 has the lower val loss; lr 1e-2 the better downstream val metric; SWA at 1e-3
+    # is best on val, but the oracle on test is SWA at 1e-2.
+    summaries = [
+        summary(1e-3, val_loss=0.1, val_acc=0.5, test_acc=0.5, swa_val_acc=0.9, swa_test_acc=0.7),
+        summary(1e-2, val_loss=0.2, val_acc=0.6, test_acc=0.65, swa_val_acc=0.8, swa_test_acc=0.8),
+    ]
+    criteria = {
+        "val loss": ("val_loss", ""),
+        "downstream": ("val_acc", ""),
+        "SWA": ("swa_val_acc", "swa_"),
+    }
+    choice = deploy_choices(summaries, criteria, "acc", higher_is_better=True)["adamw"]
+    assert {name: pick.summary.lr for name, pick in choice.picks.items()} == {
+        "val loss": 1e-3,
+        "downstream": 1e-2,
+        "SWA": 1e-3,
+        "joint": 1e-3,
+    }
+    assert choice.picks["joint"].prefix == "swa_" and choice.oracle.prefix == "swa_"
+    assert choice.oracle.summary.lr == 1e-2
+    assert choice.regret == pytest.approx(
+        {"val loss": 0.3, "downstream": 0.15, "SWA": 0.1, "joint": 0.1}
+    )

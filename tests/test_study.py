@@ -525,11 +525,16 @@ def test_seed_ensembles_are_deployed_as_one_model_and_selected_post_hoc(tmp_path
         for p in ("", "swa_", "ens_", "swa_ens_")
     )
     assert f" {best[1]}, " in joint_row and f"@{best[2]:g}:" in joint_row
+    deploy, _, regret_table = result.tables["deploy"].split("\n\n")
     regrets = [
         float(row.split("|")[-2])
-        for row in result.tables["deploy"].splitlines()[2:]
+        for row in deploy.splitlines()[2:]
         if not row.startswith("| **all")
     ]
     assert len(regrets) == 2 and min(regrets) >= 0
+    per_criterion = [row.split("|")[2:-1] for row in regret_table.splitlines()[2:]]
+    assert [float(row[-1]) for row in per_criterion] == regrets  # the joint column
+    assert len(per_criterion[0]) == 2 + 3 + 1  # val loss, downstream, SWA, Ens, SWA+Ens, joint
+    assert all(float(value) >= 0 for row in per_criterion for value in row)
     again = run_study(spec, progress=False)
     assert again.trained == () and again.summaries == result.summaries

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from beyondloss.study.statistics import kendall_tau, mean_ci, mean_within_tau, paired_gain
+from beyondloss.selection.statistics import kendall_tau, mean_ci, mean_within_tau, paired_gain
 
 
 def test_mean_ci_matches_scipys_student_t_interval() -> None:

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from beyondloss.posthoc.ensemble import OutputEnsemble
+from beyondloss.selection.configs import rank_key, select_lr, summarize
 from beyondloss.store import ResultsStore
-from beyondloss.study.report import rank_key, select_lr, summarize
 from beyondloss.study.ttf import (
     DATA_SEED,
     STORE_NAME,

@@ -1,11 +1,12 @@
-"""Learning-rate selection, DoPr-vs-base comparisons, val-loss/downstream agreement, and the
-study's tables (markdown, CSV) and plots.
+"""DoPr-vs-base comparisons, val-loss/downstream agreement, and the study's tables (markdown,
+CSV) and plots.
 
 Everything here works on metrics already read from the results store; nothing trains. A
 *configuration* is an ``(optimizer, lr)`` pair; its runs differ by seed only. ``finals`` maps
 ``(optimizer, lr, seed)`` to a run's final-epoch metrics; ``curves`` maps it to the run's
 per-epoch metrics in the store's layout (key ``"epoch"`` plus one aligned list per metric).
-The statistics themselves are in :mod:`beyondloss.study.statistics`.
+Summaries and the selection of configurations are in :mod:`beyondloss.selection.configs`,
+the statistics in :mod:`beyondloss.selection.statistics`.
 """
 
 from __future__ import annotations
@@ -15,98 +16,25 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from beyondloss.study.statistics import (
+from beyondloss.selection.configs import RunKey, Summary
+from beyondloss.selection.statistics import (
     CI_LEVEL,
     Kendall,
     MeanTau,
     PairedGain,
     kendall_tau,
-    mean_ci,
     mean_within_tau,
     paired_gain,
 )
 
-RunKey = tuple[str, float, int]
-"""``(optimizer, lr, seed)`` of one run."""
-
 CI_LABEL = f"{CI_LEVEL:.0%} CI"
 """How the tables name the confidence interval, e.g. ``95% CI``."""
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Final-epoch metrics of one configuration over its seeds.
-
-    ``mean[m]`` and ``std[m]`` are the mean and sample standard deviation (``ddof=1``; NaN when
-    ``n = 1``) of metric ``m`` over the ``n`` seeds; ``half_width[m]`` is the half-width of the
-    Student-t interval of the mean at :data:`~beyondloss.study.statistics.CI_LEVEL`,
-    ``t_{(1+level)/2, n−1} · std / √n`` (see :func:`~beyondloss.study.statistics.mean_ci`). A
-    non-finite value in any seed (a diverged run) makes the mean non-finite and the spreads NaN.
-    """
-
-    optimizer: str
-    lr: float
-    n: int
-    mean: Mapping[str, float]
-    std: Mapping[str, float]
-    half_width: Mapping[str, float] = field(default_factory=dict)
-
-
-def summarize(finals: Mapping[RunKey, Mapping[str, float]]) -> list[Summary]:
-    """One :class:`Summary` per configuration of ``{(optimizer, lr, seed): final metrics}``.
-
-    Configurations come out in first-appearance order of ``finals``; a metric enters a summary
-    only if every seed of that configuration has it.
-    """
-    groups: dict[tuple[str, float], list[Mapping[str, float]]] = {}
-    for (optimizer, lr, _seed), metrics in finals.items():
-        groups.setdefault((optimizer, lr), []).append(metrics)
-    summaries = []
-    for (optimizer, lr), rows in groups.items():
-        names = [name for name in rows[0] if all(name in row for row in rows)]
-        mean, std, half_width = {}, {}, {}
-        for name in names:
-            values = np.array([row[name] for row in rows], dtype=np.float64)
-            interval = mean_ci(values)
-            mean[name], half_width[name] = interval.mean, interval.half_width
-            with np.errstate(invalid="ignore"):
-                std[name] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
-        summaries.append(Summary(optimizer, lr, len(rows), mean, std, half_width))
-    return summaries
-
-
-def rank_key(value: float, higher_is_better: bool) -> float:
-    """Sort key of a metric value, best first and NaN (a diverged or missing run) last."""
-    if math.isnan(value):
-        return math.inf
-    return -value if higher_is_better else value
-
-
-def select_lr(
-    summaries: Sequence[Summary], metric: str, higher_is_better: bool = False
-) -> dict[str, Summary]:
-    """For each optimizer, its configuration with the best mean ``metric`` over seeds.
-
-    A NaN or missing mean (every seed diverged before the metric was evaluated) ranks last.
-    Ties go to the configuration listed first. Optimizers appear in first-appearance order of
-    ``summaries``.
-    """
-
-    def rank(summary: Summary) -> float:
-        return rank_key(summary.mean.get(metric, math.nan), higher_is_better)
-
-    best: dict[str, Summary] = {}
-    for summary in summaries:
-        incumbent = best.get(summary.optimizer)
-        if incumbent is None or rank(summary) < rank(incumbent):
-            best[summary.optimizer] = summary
-    return best
 
 
 def format_lr(lr: float) -> str:
@@ -162,7 +90,7 @@ def write_csv(
     Columns: ``optimizer, lr, n``, one boolean ``selected_by_<criterion>`` per entry of
     ``selections`` (``{criterion: {optimizer: selected summary}}``), then ``<metric>_mean``,
     ``<metric>_std`` (sample std over seeds) and ``<metric>_ci95`` (the CI half-width, named
-    after :data:`~beyondloss.study.statistics.CI_LEVEL`) for each metric.
+    after :data:`~beyondloss.selection.statistics.CI_LEVEL`) for each metric.
     """
     ci = f"ci{CI_LEVEL * 100:g}"
     header = ["optimizer", "lr", "n", *(f"selected_by_{c}" for c in selections)]
@@ -236,7 +164,7 @@ def dopr_pairs(optimizers: Iterable[str]) -> list[tuple[str, str]]:
 class GainRow:
     """DoPr-X against X, each at the learning rate ``criterion`` selected for it.
 
-    ``gains[m]`` is the :func:`~beyondloss.study.statistics.paired_gain` of final metric ``m``
+    ``gains[m]`` is the :func:`~beyondloss.selection.statistics.paired_gain` of final metric ``m``
     over the ``pairs`` seeds both configurations ran, positive when DoPr is better.
     """
 
@@ -373,7 +301,7 @@ class Mismatch:
     ``checkpoints``: oriented Kendall τ over every ``(run, epoch)``; ``within``: its mean over
     configurations, each computed from that configuration's own checkpoints; ``final``: over
     the runs' last epochs, the checkpoints learning-rate selection compares. ``τ = +1`` means
-    lower val loss ⇔ better metric (see :func:`~beyondloss.study.statistics.kendall_tau`).
+    lower val loss ⇔ better metric (see :func:`~beyondloss.selection.statistics.kendall_tau`).
     """
 
     metric: str

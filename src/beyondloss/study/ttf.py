@@ -45,6 +45,14 @@ from beyondloss.optim.preconditioner import ActivationPreconditioner
 from beyondloss.posthoc.averaging import EMA, SWA
 from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.posthoc.tracker import PosthocTracker
+from beyondloss.selection.configs import (
+    Pick,
+    Summary,
+    deploy_choices,
+    rank_key,
+    select_lr,
+    summarize,
+)
 from beyondloss.store import ResultsStore
 from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.html import write_report
@@ -52,7 +60,6 @@ from beyondloss.study.report import (
     CI_LABEL,
     GainRow,
     Mismatch,
-    Summary,
     dopr_pairs,
     format_cell,
     format_lr,
@@ -63,10 +70,7 @@ from beyondloss.study.report import (
     paired_gains,
     plot_curves,
     plot_mismatch,
-    rank_key,
     replacing,
-    select_lr,
-    summarize,
     write_csv,
     write_gains_csv,
 )
@@ -920,54 +924,56 @@ _DIAGNOSTICS = (
 def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
     """Which model to deploy: per optimizer, the test primary metric of the model each
     criterion selects (the lr, and for post-hoc criteria the transform), then the joint choice
-    by the best validation metric over lr × {base, transforms}, per optimizer and overall.
+    by the best validation metric over lr × {base, transforms}, per optimizer and overall, the
+    test oracle and the joint choice's regret; below it, the regret of every criterion.
     ``†`` marks a post-hoc choice whose lr differs from the one the base model's downstream
     criterion picks (the transform reverses the lr ranking)."""
     primary, higher = task.primary_metric, task.higher_is_better[task.primary_metric]
-    criteria = [("val loss", "val_loss", "", False), ("downstream", f"val_{primary}", "", higher)]
-    criteria += [
-        (f"post-hoc {_TRANSFORM_LABELS[name]}", f"{name}_val_{primary}", f"{name}_", higher)
+    criteria = {"val loss": ("val_loss", ""), "downstream": (f"val_{primary}", "")}
+    criteria |= {
+        f"post-hoc {_TRANSFORM_LABELS[name]}": (f"{name}_val_{primary}", f"{name}_")
         for name in spec.evaluated
-    ]
-    head = ["optimizer", *(label for label, *_ in criteria), "joint (val over lr × model)"]
+    }
+    choices = deploy_choices(summaries, criteria, primary, higher)
+    head = ["optimizer", *criteria, "joint (val over lr × model)"]
     head += ["oracle (test over lr × model)", "joint regret"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
-    base_lr = {o: s.lr for o, s in select_lr(summaries, f"val_{primary}", higher).items()}
-    joint: list[tuple[float, str, Summary, str]] = []
-    for optimizer in spec.optimizers:
+    regrets = ["| optimizer | " + " | ".join([*criteria, "joint"]) + " |"]
+    regrets.append("|---|" + "--:|" * (len(criteria) + 1))
+    for optimizer, choice in choices.items():
+        base_lr = choice.picks["downstream"].summary.lr
         cells = [optimizer]
-        for _, metric, prefix, better in criteria:
-            chosen = select_lr([s for s in summaries if s.optimizer == optimizer], metric, better)
-            summary = chosen[optimizer]
-            mark = " †" if prefix and summary.lr != base_lr[optimizer] else ""
-            test = format_cell(summary, f"{prefix}test_{primary}")
-            cells.append(f"{test} @{format_lr(summary.lr)}{mark}")
-        options = [
-            (summary.mean.get(f"{prefix}val_{primary}", math.nan), label, summary, prefix)
-            for label, _, prefix, _ in criteria[1:]
-            for summary in summaries
-            if summary.optimizer == optimizer
-        ]
-        value, label, summary, prefix = min(options, key=lambda o: rank_key(o[0], higher))
-        joint.append((value, label, summary, prefix))
-        cells.append(_joint_cell(label, summary, prefix, primary))
-        tests = [(o[2].mean.get(f"{o[3]}test_{primary}", math.nan),) + o[1:] for o in options]
-        best = min(tests, key=lambda o: rank_key(o[0], higher))
-        chosen = summary.mean.get(f"{prefix}test_{primary}", math.nan)
-        cells += [_joint_cell(*best[1:], primary), f"{abs(best[0] - chosen):.4g}"]
+        for name in criteria:
+            pick = choice.picks[name]
+            mark = " †" if pick.prefix and pick.summary.lr != base_lr else ""
+            test = format_cell(pick.summary, f"{pick.prefix}test_{primary}")
+            cells.append(f"{test} @{format_lr(pick.summary.lr)}{mark}")
+        cells += [_joint_cell(choice.picks["joint"], primary), _joint_cell(choice.oracle, primary)]
+        cells.append(f"{choice.regret['joint']:.4g}")
         lines.append("| " + " | ".join(cells) + " |")
-    value, label, summary, prefix = min(joint, key=lambda o: rank_key(o[0], higher))
-    lines.append(
-        "| **all optimizers** |" + " |" * len(criteria) + f" {summary.optimizer}, "
-        f"{_joint_cell(label, summary, prefix, primary)} | | |"
+        regrets.append(
+            f"| {optimizer} | " + " | ".join(f"{r:.4g}" for r in choice.regret.values()) + " |"
+        )
+    joint = min(
+        (c.picks["joint"] for c in choices.values()),
+        key=lambda p: rank_key(p.summary.mean.get(f"{p.prefix}val_{primary}", math.nan), higher),
     )
-    return "\n".join(lines)
+    lines.append(
+        "| **all optimizers** |" + " |" * len(criteria) + f" {joint.summary.optimizer}, "
+        f"{_joint_cell(joint, primary)} | | |"
+    )
+    regret_text = (
+        f"Regret of each criterion: |test {primary} of the test oracle − test {primary} of the "
+        "criterion's choice|, per optimizer (0: the criterion found the best model on test)."
+    )
+    return "\n".join(lines) + "\n\n" + regret_text + "\n\n" + "\n".join(regrets)
 
 
-def _joint_cell(label: str, summary: Summary, prefix: str, primary: str) -> str:
-    model = label.removeprefix("post-hoc ") if prefix else "base"
-    test = format_cell(summary, f"{prefix}test_{primary}")
-    return f"{model} @{format_lr(summary.lr)}: {test}"
+def _joint_cell(pick: Pick, primary: str) -> str:
+    """``<model> @<lr>: <test metric>``, the model named by its transform label or ``base``."""
+    model = _TRANSFORM_LABELS[pick.prefix.removesuffix("_")] if pick.prefix else "base"
+    test = format_cell(pick.summary, f"{pick.prefix}test_{primary}")
+    return f"{model} @{format_lr(pick.summary.lr)}: {test}"
 
 
 def _diagnostics_table(by_val_loss: Mapping[str, Summary], test_primary: str) -> str:
