@@ -59,7 +59,7 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
         "--lrs", "1e-3,3e-2", "--weight-decay", "0.01", "--workers", "1", "--out", "elsewhere",
         "--no-progress", "--damping", "0.01", "--damping-mode", "trace", "--cov-every", "10",
         "--inverse-every", "20", "--ema-decay", "0.9", "--transforms", "swa,ema",
-        "--transform-every", "2",
+        "--transform-every", "2", "--eval-every", "3",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     [(spec, progress, command)] = specs
@@ -79,6 +79,7 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
         },
         transforms=("swa", "ema"),
         transform_every=2,
+        eval_every=3,
         workers=1,
         out=Path("elsewhere"),
     )
@@ -86,7 +87,7 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
     assert command == "beyondloss ttf lorenz --size full --optimizers 'sgd, dopr-sgd' " + (
         "--seeds 2 --lrs 1e-3,3e-2 --weight-decay 0.01 --workers 1 --out elsewhere --no-progress "
         "--damping 0.01 --damping-mode trace --cov-every 10 --inverse-every 20 --ema-decay 0.9 "
-        "--transforms swa,ema --transform-every 2"
+        "--transforms swa,ema --transform-every 2 --eval-every 3"
     )
 
 
@@ -107,6 +108,7 @@ def test_ttf_all_passes_the_options_to_run_all_and_prints_the_summary(
         "dopr": {"cov_every": 4},
         "transforms": (),
         "transform_every": 1,
+        "eval_every": 1,
         "workers": 2,
         "out": Path("runs"),
     }

@@ -538,3 +538,33 @@ def test_seed_ensembles_are_deployed_as_one_model_and_selected_post_hoc(tmp_path
     assert all(float(value) >= 0 for row in per_criterion for value in row)
     again = run_study(spec, progress=False)
     assert again.trained == () and again.summaries == result.summaries
+
+
+def test_eval_every_rolls_out_the_base_model_on_its_cadence_and_at_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Longer(LinearTask):
+        name = "longer"
+        epochs = 5
+
+    monkeypatch.setitem(TASKS, "longer", Longer)
+    monkeypatch.setattr(ttf, "LocalExecutor", lambda workers: LocalExecutor(0))
+    spec = StudySpec(
+        task="longer", optimizers=("sgd",), lrs=(SMALL_LR,), seeds=1, eval_every=2, out=tmp_path
+    )
+    result = run_study(spec, progress=False)
+    assert result.directory.name == "ttf-longer-quick-eval2"
+    assert result.trained == ("longer-quick-sgd-lr0.0001-eval2-s0",)
+    with ResultsStore(tmp_path / "beyondloss.db") as store:
+        curves = store.curves(result.trained[0])
+        [run] = store.runs(run_id=result.trained[0])
+    assert all(math.isfinite(v) for v in curves["val_loss"])
+    evaluated = [math.isfinite(v) for v in curves["val_score"]]
+    assert (
+        evaluated
+        == [False, True, False, True, True]
+        == [math.isfinite(v) for v in curves["test_score"]]
+    )
+    assert run["config"]["eval_every"] == 2
+    assert "rolled out every 2 epochs and at the last" in result.markdown
+    assert result.by_downstream["sgd"].mean["val_score"] == curves["val_score"][-1]

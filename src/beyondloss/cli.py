@@ -307,6 +307,14 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS["transform_every"],
         help="evaluate the transforms every K epochs and at the last (default: %(default)s)",
     )
+    ttf.add_argument(
+        "--eval-every",
+        type=positive_int,
+        default=_DEFAULTS["eval_every"],
+        metavar="K",
+        help="roll out the base model (downstream metrics) every K epochs and at the last; "
+        "val loss is evaluated every epoch (default: %(default)s)",
+    )
     dopr = ttf.add_argument_group(
         "DoPr settings", "activation preconditioner of the dopr-* optimizers (default: DoPr's)"
     )
@@ -374,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "transforms": tuple(args.transforms),
         "transform_every": args.transform_every,
+        "eval_every": args.eval_every,
         "out": args.out,
     }
     if args.command == "export":

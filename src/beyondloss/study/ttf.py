@@ -162,6 +162,11 @@ class StudySpec:
     transform_every:
         Evaluate the transforms every ``transform_every`` epochs and at the last (the averages
         are updated every epoch).
+    eval_every:
+        Evaluate the base model's downstream metrics (the rollouts) every ``eval_every`` epochs
+        and at the last; ``val_loss`` is evaluated every epoch. Between, the store holds no
+        downstream value, so Kendall τ over checkpoints uses the evaluated epochs only. Tags the
+        run ids of every optimizer (``-eval2``).
     workers:
         Processes training runs in parallel, one torch thread each.
     out:
@@ -177,6 +182,7 @@ class StudySpec:
     dopr: DoprSettings = field(default_factory=dict, hash=False)
     transforms: tuple[str, ...] = ()
     transform_every: int = 1
+    eval_every: int = 1
     workers: int = 2
     out: Path = field(default=Path("runs"))
 
@@ -219,7 +225,7 @@ class StudySpec:
             )
         if "ens" in transforms and seeds < 2:
             raise ValueError(f"the 'ens' transform needs seeds >= 2, got {seeds}")
-        for name in ("transform_every", "workers"):
+        for name in ("transform_every", "eval_every", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -244,8 +250,8 @@ class StudySpec:
     @property
     def suffix(self) -> str:
         """What the study name adds after ``ttf-<task>-<size>``: ``-wd<value>`` if weight decay,
-        the transforms (``-swa+ema``, ``-every2``), then the tags of the DoPr settings
-        (``-cov10-inv10-ema0.9``); empty for none."""
+        the base-evaluation cadence (``-eval2``), the transforms (``-swa+ema``, ``-every2``),
+        then the tags of the DoPr settings (``-cov10-inv10-ema0.9``); empty for none."""
         return self._base_tag + self._dopr_tag
 
     @property
@@ -307,6 +313,7 @@ class StudySpec:
     def _base_tag(self) -> str:
         """Tags of the settings that change every optimizer's runs: weight decay, transforms."""
         tag = f"-wd{self.weight_decay:g}" if self.weight_decay else ""
+        tag += f"-eval{self.eval_every}" if self.eval_every != 1 else ""
         if self.weight_transforms:
             tag += "-" + "+".join(self.weight_transforms)
             tag += f"-every{self.transform_every}" if self.transform_every != 1 else ""
@@ -428,6 +435,7 @@ class RunJob:
     study: str
     transforms: tuple[str, ...] = ()
     transform_every: int = 1
+    eval_every: int = 1
     data_seed: int = DATA_SEED
     track_logits: bool = False
     """Evaluate with a :class:`~beyondloss.evaluation.LogitsEvaluator` instead of the study's
@@ -644,6 +652,7 @@ def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
         study=spec.study_of(optimizer),
         transforms=spec.weight_transforms,
         transform_every=spec.transform_every,
+        eval_every=spec.eval_every,
     )
 
 
@@ -720,8 +729,8 @@ def _evaluators(task: Task, job: RunJob) -> list[Evaluator]:
     splits = task.splits()
     evaluators = [
         loss_evaluator(task.loss, splits.val, "val_loss"),
-        _downstream(task, "val"),
-        _downstream(task, "test"),
+        _downstream(task, "val", job.eval_every),
+        _downstream(task, "test", job.eval_every),
     ]
     return evaluators + _transform_evaluators(task, job)
 
@@ -829,6 +838,7 @@ def _run_one(job: RunJob) -> None:
         record |= {"dopr": job.dopr} if job.dopr else {}
         if job.transforms:
             record |= {"transforms": list(job.transforms), "transform_every": job.transform_every}
+        record |= {"eval_every": job.eval_every} if job.eval_every != 1 else {}
         _register(store, job, job.run_id, job.seed, record)
         try:
             train(
@@ -885,14 +895,17 @@ def _ap_spectra(preconditioner: ActivationPreconditioner) -> Evaluator:
     return evaluate
 
 
-def _downstream(task: Task, split: str) -> Evaluator:
-    """Evaluator of ``task``'s downstream metrics on ``split``, prefixed ``<split>_``.
+def _downstream(task: Task, split: str, every: int = 1) -> Evaluator:
+    """Evaluator of ``task``'s downstream metrics on ``split``, prefixed ``<split>_``, every
+    ``every`` epochs and at the last (no metrics between).
 
     The study reads only the primary metric of the validation split (for selection and τ) and
     of the test split's intermediate epochs (for curves and τ), so it asks for every metric only
     on the test split's final epoch (``primary_only`` otherwise; see :meth:`Task.evaluate`)."""
 
     def evaluate(model: nn.Module, epoch: int) -> dict[str, float]:
+        if epoch % every and epoch != task.epochs:
+            return {}
         primary_only = split != "test" or epoch < task.epochs
         metrics = task.evaluate(model, split, primary_only=primary_only)
         return {f"{split}_{name}": value for name, value in metrics.items()}
@@ -1047,6 +1060,18 @@ def _table_metrics(
     return ["val_loss", f"val_{task.primary_metric}", *tests]
 
 
+def _cadence_text(spec: StudySpec) -> str:
+    """When the base model and the transforms are rolled out."""
+    k = spec.eval_every
+    base = "every epoch" if k == 1 else f"every {k} epochs and at the last"
+    text = f"The base model is rolled out {base} (val loss every epoch)"
+    if spec.weight_transforms:
+        every = spec.transform_every
+        plural = "s" if every > 1 else ""
+        text += f"; the weight averages every {every} epoch{plural} and at the last"
+    return text + "."
+
+
 def _dopr_text(spec: StudySpec) -> str:
     """The DoPr settings in words, e.g. ``cov_every=10, ema_decay=0.9 (others default)``."""
     if not spec.dopr:
@@ -1093,7 +1118,8 @@ def _markdown(
         "",
         f"Task `{spec.task}` ({spec.size}, `{task.name}`): {task.epochs} epochs, batch size "
         f"{task.batch_size}, data seed {DATA_SEED}. Seeds 0–{spec.grid_seeds - 1}; learning "
-        f"rates {lrs}; weight decay {spec.weight_decay:g}; DoPr settings: {_dopr_text(spec)}.",
+        f"rates {lrs}; weight decay {spec.weight_decay:g}; DoPr settings: {_dopr_text(spec)}. "
+        f"{_cadence_text(spec)}",
         f"Values at the final epoch ({task.epochs}): mean ± {CI_LABEL} half-width over the n "
         "seeds (Student t, n − 1 dof; none shown for n = 1; `table.csv` also has the std); "
         "↑ higher is better, ↓ lower is better.",
