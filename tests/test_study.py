@@ -498,7 +498,12 @@ def test_seed_ensembles_are_deployed_as_one_model_and_selected_post_hoc(tmp_path
     spec = replace(_spec(tmp_path), transforms=("swa", "ens"))
     assert spec.run_id("sgd", LARGE_LR, 0) == "linear-quick-sgd-lr0.1-swa-s0"  # ens: no new runs
     assert spec.ensemble_id("sgd", LARGE_LR) == "linear-quick-sgd-lr0.1-swa-ens"
+    without = run_study(replace(spec, transforms=("swa",)), progress=False)
     result = run_study(spec, progress=False)
+    # The ensembles reuse the runs of the study without them but write their own report.
+    assert result.trained == () and result.directory.name == without.directory.name + "-ens"
+    assert not (result.directory / "runs").exists()
+    assert "Ens" not in (without.directory / "report.md").read_text()
     task = LinearTask("quick", 0)
     x, y = task.splits().test.tensors
     for kind, prefix in (("base", "ens"), ("swa", "swa_ens")):

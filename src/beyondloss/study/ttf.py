@@ -251,8 +251,10 @@ class StudySpec:
     def suffix(self) -> str:
         """What the study name adds after ``ttf-<task>-<size>``: ``-wd<value>`` if weight decay,
         the base-evaluation cadence (``-eval2``), the transforms (``-swa+ema``, ``-every2``),
-        then the tags of the DoPr settings (``-cov10-inv10-ema0.9``); empty for none."""
-        return self._base_tag + self._dopr_tag
+        the tags of the DoPr settings (``-cov10-inv10-ema0.9``), then ``-ens`` for seed
+        ensembles; empty for none. ``-ens`` names the report only: the ensembles add no runs, so
+        the runs stay in the folder of the study without it (:meth:`study_of`)."""
+        return self._base_tag + self._dopr_tag + ("-ens" if self.ensembles else "")
 
     @property
     def name(self) -> str:
@@ -266,11 +268,10 @@ class StudySpec:
         return self.out / self.name
 
     def study_of(self, optimizer: str) -> str:
-        """Name of the study owning ``optimizer``'s runs: :attr:`name` for ``dopr-*``, the name
-        without DoPr tags for a plain optimizer (whose runs the DoPr settings do not change)."""
-        if _is_dopr(optimizer):
-            return self.name
-        return f"ttf-{self.task}-{self.size}{self._base_tag}"
+        """Name of the study owning ``optimizer``'s runs: :attr:`name` without ``-ens``, and
+        for a plain optimizer also without DoPr tags (the DoPr settings do not change its runs)."""
+        tags = self._base_tag + (self._dopr_tag if _is_dopr(optimizer) else "")
+        return f"ttf-{self.task}-{self.size}{tags}"
 
     def run_id(self, optimizer: str, lr: float, seed: int) -> str:
         """Run id, e.g. ``lorenz-quick-dopr-adamw-lr0.003-s0``: ``-wd<value>`` before the seed
@@ -1200,17 +1201,28 @@ def _optional_sections(spec: StudySpec, task: Task, tables: Mapping[str, str]) -
         lines += [
             "## Weight averages and ensembles, judged by their rollouts",
             "",
-            f"SWA averages the end-of-epoch weights from epoch {swa_start(task.epochs)} on, "
-            f"EMA with decay {EMA_DECAY} per epoch; Ens deploys the final models of the "
-            f"{spec.grid_seeds} seeds as one model (the mean of their outputs; SWA+Ens: of "
-            "their SWA models), a single model per configuration and so without a spread. "
-            "Every transformed model is evaluated by the task's own rollouts, like the base "
-            "model.",
+            _transforms_text(spec, task),
             "",
             tables["transforms"],
             "",
         ]
     return lines
+
+
+def _transforms_text(spec: StudySpec, task: Task) -> str:
+    """What each transform the study evaluates is, in one paragraph."""
+    text = {
+        "swa": f"SWA averages the end-of-epoch weights from epoch {swa_start(task.epochs)} on.",
+        "ema": f"EMA averages them with decay {EMA_DECAY} per epoch.",
+        "ens": f"Ens deploys the final models of the {spec.grid_seeds} seeds as one model (the "
+        "mean of their outputs; SWA+Ens: of their SWA models), a single model per "
+        "configuration and so without a spread.",
+    }
+    sentences = [text[name] for name in spec.transforms]
+    sentences.append(
+        "Every transformed model is evaluated by the task's own rollouts, like the base model."
+    )
+    return " ".join(sentences)
 
 
 def _summary_markdown(
