@@ -1,9 +1,12 @@
 """Studies: grids of training runs on a task, their selection and their reports.
 
-:mod:`~beyondloss.study.ttf` runs the test-time-feedback study (optimizer × learning rate ×
-seed on one task, learning rate selected by one-step validation loss or by the downstream
-metric); :mod:`~beyondloss.study.report` turns final-epoch metrics into tables and plots;
-:mod:`~beyondloss.selection.statistics` holds the confidence intervals, paired gains and Kendall τ.
+:mod:`~beyondloss.study.ttf` is the engine: it runs a grid of (optimizer × learning rate ×
+seed) on one task, with weight averages and seed ensembles judged by the task's own rollouts;
+:mod:`~beyondloss.study.posthoc` is the post-hoc paper's preset on the same engine (per-epoch
+logits, temperature scaling, epoch selection); :mod:`~beyondloss.study.report` turns
+final-epoch metrics into tables and plots. Selection and its statistics live in
+:mod:`beyondloss.selection` (:mod:`~beyondloss.selection.configs`,
+:mod:`~beyondloss.selection.statistics`).
 """
 
 from beyondloss.selection.configs import Summary, select_lr, summarize
