@@ -39,8 +39,9 @@ class Summary:
     ``mean[m]`` and ``std[m]`` are the mean and sample standard deviation (``ddof=1``; NaN when
     ``n = 1``) of metric ``m`` over the ``n`` seeds; ``half_width[m]`` is the half-width of the
     Student-t interval of the mean at :data:`~beyondloss.selection.statistics.CI_LEVEL`,
-    ``t_{(1+level)/2, n−1} · std / √n`` (see :func:`~beyondloss.selection.statistics.mean_ci`). A
-    non-finite value in any seed (a diverged run) makes the mean non-finite and the spreads NaN.
+    ``t_{(1+level)/2, n−1} · std / √n`` (see :func:`~beyondloss.selection.statistics.mean_ci`).
+    A non-finite value in any seed (a diverged run) makes the mean non-finite and the spreads
+    NaN.
     """
 
     optimizer: str
@@ -153,16 +154,14 @@ def deploy_choices(
         models = dict.fromkeys(p for m, p in criteria.values() if m != "val_loss")
         options = [Pick("joint", s, p) for p in models for s in own]
 
-        picks["joint"], oracle = (
-            _best(options, "val", primary, higher_is_better),
-            _best(options, "test", primary, higher_is_better),
-        )
+        picks["joint"] = best_pick(options, "val", primary, higher_is_better)
+        oracle = best_pick(options, "test", primary, higher_is_better)
         regret = {name: abs(oracle.test(primary) - p.test(primary)) for name, p in picks.items()}
         out[optimizer] = DeployChoice(picks, oracle, regret)
     return out
 
 
-def _best(options: Sequence[Pick], split: str, primary: str, higher_is_better: bool) -> Pick:
+def best_pick(options: Sequence[Pick], split: str, primary: str, higher_is_better: bool) -> Pick:
     """The option with the best mean ``<prefix><split>_<primary>`` (first on ties, NaN last)."""
     return min(
         options,

@@ -48,8 +48,8 @@ from beyondloss.posthoc.tracker import PosthocTracker
 from beyondloss.selection.configs import (
     Pick,
     Summary,
+    best_pick,
     deploy_choices,
-    rank_key,
     select_lr,
     summarize,
 )
@@ -968,10 +968,7 @@ def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
         regrets.append(
             f"| {optimizer} | " + " | ".join(f"{r:.4g}" for r in choice.regret.values()) + " |"
         )
-    joint = min(
-        (c.picks["joint"] for c in choices.values()),
-        key=lambda p: rank_key(p.summary.mean.get(f"{p.prefix}val_{primary}", math.nan), higher),
-    )
+    joint = best_pick([c.picks["joint"] for c in choices.values()], "val", primary, higher)
     lines.append(
         "| **all optimizers** |" + " |" * len(criteria) + f" {joint.summary.optimizer}, "
         f"{_joint_cell(joint, primary)} | | |"
@@ -1213,7 +1210,7 @@ def _transforms_text(spec: StudySpec, task: Task) -> str:
     """What each transform the study evaluates is, in one paragraph."""
     text = {
         "swa": f"SWA averages the end-of-epoch weights from epoch {swa_start(task.epochs)} on.",
-        "ema": f"EMA averages them with decay {EMA_DECAY} per epoch.",
+        "ema": f"EMA averages the end-of-epoch weights with decay {EMA_DECAY} per epoch.",
         "ens": f"Ens deploys the final models of the {spec.grid_seeds} seeds as one model (the "
         "mean of their outputs; SWA+Ens: of their SWA models), a single model per "
         "configuration and so without a spread.",
