@@ -113,32 +113,40 @@ def stacked_classification_metrics(
 ) -> list[dict[str, float]]:
     """``[classification_metrics(scores[k], labels[k]) for k]`` from logits, in one pass.
 
-    The pairs are concatenated into one ``(Σ N_k, C)`` batch: one log-softmax, one softmax and
-    one argmax for all, then per-pair sums by segment (``index_add``) and one transfer to
-    Python. A few dozen tensor operations instead of a few dozen per pair, which is what the
-    per-epoch tracking of several models on several splits costs when the splits are small.
-    Values equal the single-pair functions up to float64 summation order (Brier uses
-    ``Σ_c p² − 2 p_y + 1``).
+    The distinct score tensors (by identity: the same tensor scored against noisy and clean
+    labels is one) are concatenated into one ``(Σ N_u, C)`` batch: one log-softmax, one
+    softmax, one max and one row sum of ``p²`` for all. Each pair ``k`` then only reads the
+    entries of its labels, ``row_k(i) · C + y_k[i]``, from that batch, and the per-pair sums are
+    segment sums (``index_add``) moved to Python once. A few dozen tensor operations instead of
+    a few dozen per pair, which is what the per-epoch tracking of several models on several
+    splits costs when the splits are small. Values equal the single-pair functions up to
+    float64 summation order (Brier uses ``Σ_c p² − 2 p_y + 1``).
     """
     if len(scores) != len(labels) or not scores:
         raise ValueError(f"need as many label sets as score sets (>= 1), got {len(labels)}")
     for z, y in zip(scores, labels, strict=True):
         _check(z, y)
+    distinct: dict[int, int] = {}
+    for z in scores:
+        distinct.setdefault(id(z), len(distinct))
+    unique = list({id(z): z for z in scores}.values())
+    offsets = [0]
+    for z in unique:
+        offsets.append(offsets[-1] + z.shape[0])
+    rows = torch.cat([offsets[distinct[id(z)]] + torch.arange(z.shape[0]) for z in scores])
     sizes = torch.tensor([z.shape[0] for z in scores])
     segment = torch.repeat_interleave(torch.arange(len(scores)), sizes)
-    z = torch.cat([s.double() for s in scores])
-    y = torch.cat([t.long() for t in labels]).unsqueeze(1)
-    log_p = torch.log_softmax(z, dim=1)
+    y = torch.cat([t.long() for t in labels])
+    # Classes along dim 0, samples along dim 1: the reductions over a handful of classes then
+    # run vectorized along the samples (about 3x faster than over dim 1 for C = 10).
+    log_p = torch.log_softmax(torch.cat([u.double() for u in unique]).t().contiguous(), dim=0)
     p = log_p.exp()
-    confidence, prediction = p.max(dim=1)
-    correct = (prediction == y.squeeze(1)).double()
-    p_label = p.gather(1, y).squeeze(1)
+    all_confidence, all_prediction = p.max(dim=0)
+    confidence, prediction = all_confidence[rows], all_prediction[rows]
+    log_p_label = log_p.view(-1)[y * log_p.shape[1] + rows]
+    correct = (prediction == y).double()
     per_sample = torch.stack(
-        [
-            1.0 - correct,
-            -log_p.gather(1, y).squeeze(1),
-            p.square().sum(dim=1) - 2.0 * p_label + 1.0,
-        ],
+        [1.0 - correct, -log_p_label, p.square().sum(dim=0)[rows] - 2.0 * log_p_label.exp() + 1.0],
         dim=1,
     )
     sums = torch.zeros(len(scores), 3, dtype=torch.float64).index_add_(0, segment, per_sample)

@@ -327,6 +327,9 @@ class PosthocTracker:
         with torch.no_grad():
             for split in SPLITS:
                 inputs = self.splits[split].inputs
+                if inputs.shape[0] <= self.batch_size:  # one pass, no slicing or concatenation
+                    out[split] = model(inputs.to(device))
+                    continue
                 out[split] = torch.cat(
                     [
                         model(inputs[i : i + self.batch_size].to(device))
