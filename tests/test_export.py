@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from beyondloss.cli import main
+from beyondloss.evaluation import calibrated
 from beyondloss.posthoc.ensemble import OutputEnsemble
+from beyondloss.posthoc.temperature import TemperatureScaled
 from beyondloss.study import StudySpec, run_study, ttf
 from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.export import export_model, load_model, select_model
@@ -49,6 +51,9 @@ def tiny_tasks() -> Iterator[None]:
 def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StudySpec]:
     out = tmp_path_factory.mktemp("studies")
     specs = {task: _spec(task, out) for task in ("tiny-lorenz", "tiny-digits")}
+    specs["tiny-digits-ts"] = replace(
+        specs["tiny-digits"], transforms=("swa", "ts", "ens"), metric="nll"
+    )
     for spec in specs.values():
         run_study(spec, progress=False)
     return specs
@@ -81,6 +86,72 @@ def test_exported_models_reproduce_their_stored_test_metrics_exactly(
         assert metrics == selected.stored, criterion
     chosen = select_model(spec, "val_loss", optimizer="dopr-adamw")
     assert chosen.optimizer == "dopr-adamw" and chosen.metric == "val_loss"
+
+
+def test_temperature_scaled_models_export_with_their_temperatures_exactly(
+    studies: dict[str, StudySpec], tmp_path: Path
+) -> None:
+    spec = studies["tiny-digits-ts"]
+    assert spec.name == "ttf-tiny-digits-quick-swa+ts-by-nll-ens"
+    scaled = ("ts", "swa_ts", "ens_ts", "swa_ens_ts")
+    assert set(scaled) <= set(spec.evaluated)
+    for criterion in scaled:
+        path = tmp_path / f"{criterion}.pt"
+        selected = export_model(spec, path, criterion)
+        assert selected.metric == f"{criterion}_val_nll"
+        rebuilt_task, model, _ = load_model(path)
+        assert isinstance(model, TemperatureScaled)
+        assert isinstance(model.model, OutputEnsemble) == ("ens" in criterion)
+        assert rebuilt_task.evaluate(model, "test") == selected.stored, criterion
+        if criterion in ("ts", "swa_ts"):
+            stored_t = _final(spec, selected.run_ids[0], f"{criterion}_temperature")
+            assert model.temperature.item() == stored_t
+
+
+def test_temperature_scaling_changes_probabilities_not_decisions(
+    studies: dict[str, StudySpec],
+) -> None:
+    spec = studies["tiny-digits-ts"]
+    for key in spec.grid():
+        run_id = spec.run_id(*key)
+        for source in ("", "swa_"):
+            error = _final(spec, run_id, f"{source}test_error")
+            assert _final(spec, run_id, f"{source}ts_test_error") == error
+            # T* minimises the val NLL, so the scaled model's val NLL is never worse.
+            assert _final(spec, run_id, f"{source}ts_val_nll") <= _final(
+                spec, run_id, f"{source}val_nll"
+            ) + 1e-6
+    # The composition of the post-hoc paper: TS per member, mean of logits, TS again.
+    task = spec.make_task()
+    members = [ttf.rebuild(ttf.run_job(spec, "adamw", 1e-3, s), "swa") for s in (0, 1)]
+    scaled = [calibrated(task, m) for m in members]
+    by_hand = calibrated(task, OutputEnsemble(scaled))
+    stored = _final(spec, spec.ensemble_id("adamw", 1e-3), "swa_ens_ts_test_nll")
+    assert task.evaluate(by_hand, "test")["nll"] == stored
+
+
+def test_runs_register_their_checkpoints_and_a_changed_one_is_refused(
+    studies: dict[str, StudySpec], tmp_path: Path
+) -> None:
+    from beyondloss.store import ResultsStore
+
+    spec = studies["tiny-lorenz"]
+    job = ttf.run_job(spec, "adamw", 1e-3, 0)
+    with ResultsStore(spec.out / "beyondloss.db") as store:
+        artifact = store.artifacts(job.run_id)["checkpoint"]
+    assert artifact.path == (job.run_dir / "checkpoint.pt").resolve() and artifact.epoch == 3
+    assert artifact.contents == (
+        "model", "optimizer", "rng", "history", "evaluator:swa",
+    )
+    original = artifact.path.read_bytes()
+    try:
+        other = ttf.run_job(spec, "adamw", 1e-2, 0)
+        artifact.path.write_bytes((other.run_dir / "checkpoint.pt").read_bytes())
+        with pytest.raises(ValueError, match="changed since it was registered"):
+            ttf.rebuild(job)
+    finally:
+        artifact.path.write_bytes(original)
+    ttf.rebuild(job)
 
 
 def test_selection_follows_the_study_and_the_seed_by_the_same_metric(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from beyondloss.metrics.classification import error_rate, nll
-from beyondloss.posthoc.temperature import TemperatureScaling
+from beyondloss.posthoc.temperature import TemperatureScaled, TemperatureScaling
 
 
 def _synthetic(t_true: float, n: int = 20000, c: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,3 +48,18 @@ def test_unfitted_use_and_bad_bounds_are_refused() -> None:
         TemperatureScaling()(torch.zeros(1, 2))
     with pytest.raises(ValueError, match="t_min"):
         TemperatureScaling(t_min=2.0, t_max=1.0)
+
+
+def test_temperature_scaled_module_divides_logits_and_round_trips_its_temperature() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    inputs = torch.randn(20, 5)
+    scaled = TemperatureScaled(model, 2.5)
+    assert torch.equal(scaled(inputs), model(inputs) / torch.tensor(2.5).float())
+    assert torch.equal(scaled(inputs).argmax(1), model(inputs).argmax(1))
+    again = TemperatureScaled(torch.nn.Linear(5, 3))
+    again.load_state_dict(scaled.state_dict())
+    assert again.temperature.item() == 2.5 and torch.equal(again(inputs), scaled(inputs))
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            TemperatureScaled(model, bad)

@@ -197,3 +197,36 @@ def test_final_frame_has_every_config_axis_and_the_last_value_of_every_metric(
     with pytest.raises(SystemExit):
         main(["runs", "--out", str(tmp_path), "--where", "cov_every"])
     assert "--where takes AXIS=VALUE" in capsys.readouterr().err
+
+
+def test_artifacts_are_registered_relative_to_the_store_and_verified(tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    (study / "runs").mkdir(parents=True)
+    checkpoint = study / "runs" / "checkpoint.pt"
+    checkpoint.write_bytes(b"weights")
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(b"logits")
+    with ResultsStore(study / "r.db") as store:
+        _add(store, "a")
+        store.add_artifact("a", "checkpoint", checkpoint, epoch=3, contents=["model"])
+        store.add_artifact("a", "logits", outside, epoch=3)
+        with pytest.raises(KeyError):
+            store.add_artifact("nope", "checkpoint", checkpoint, epoch=3)
+        with pytest.raises(FileNotFoundError):
+            store.add_artifact("a", "x", study / "missing.pt", epoch=3)
+        stored = sqlite3.connect(store.path).execute("SELECT name, path FROM artifacts").fetchall()
+        assert stored == [("checkpoint", "runs/checkpoint.pt"), ("logits", str(outside))]
+    moved = tmp_path / "moved"
+    study.rename(moved)  # a study folder moved as a whole keeps its artifacts
+    with ResultsStore(moved / "r.db") as store:
+        artifact = store.artifacts("a")["checkpoint"]
+        assert store.artifacts("unknown") == {}
+    assert artifact.path == moved / "runs" / "checkpoint.pt"
+    assert (artifact.epoch, artifact.bytes, artifact.contents) == (3, 7, ("model",))
+    artifact.verify()
+    artifact.path.write_bytes(b"weightz")
+    with pytest.raises(ValueError, match="changed since it was registered"):
+        artifact.verify()
+    artifact.path.unlink()
+    with pytest.raises(FileNotFoundError, match="artifact checkpoint is missing"):
+        artifact.verify()

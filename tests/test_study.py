@@ -488,10 +488,15 @@ def test_weight_average_transforms_are_rolled_out_and_selected_post_hoc(
     markdown = (result.directory / "report.md").read_text()
     assert "## Weight averages and ensembles, judged by their rollouts" in markdown
     assert "post-hoc selection for EMA" in markdown
-    with pytest.raises(ValueError, match="transforms must be distinct names among swa, ema, ens"):
+    with pytest.raises(ValueError, match="distinct names among swa, ema, ts, ens"):
         StudySpec("linear", transforms=("swa", "tta"))
     with pytest.raises(ValueError, match="'ens' transform needs seeds >= 2"):
         StudySpec("linear", seeds=1, transforms=("ens",))
+    with pytest.raises(ValueError, match=r"'ts' transform needs .*noisy-digits.*; linear has none"):
+        StudySpec("linear", transforms=("ts",))
+    with pytest.raises(ValueError, match="task linear has no metric 'nll'; it has score"):
+        StudySpec("linear", metric="nll")
+    assert StudySpec("linear", metric="score").metric is None  # the primary metric itself
 
 
 def test_seed_ensembles_are_deployed_as_one_model_and_selected_post_hoc(tmp_path: Path) -> None:

@@ -298,8 +298,15 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
         default=(),
         metavar="NAMES",
         help=f"transforms rolled out beside the base model, some of {','.join(TRANSFORMS)}: "
-        "weight averages (swa, ema) every K epochs, the seed ensemble (ens) at the final epoch "
-        "(default: none)",
+        "weight averages (swa, ema) every K epochs, temperature scaling (ts, classifiers: "
+        "noisy-*) of the base model and of each average, the seed ensemble (ens) at the final "
+        "epoch (default: none)",
+    )
+    ttf.add_argument(
+        "--metric",
+        default=None,
+        help="downstream metric to select and report by, e.g. nll on a noisy-* task (default: "
+        "the task's primary metric)",
     )
     ttf.add_argument(
         "--transform-every",
@@ -383,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "transforms": tuple(args.transforms),
         "transform_every": args.transform_every,
         "eval_every": args.eval_every,
+        "metric": args.metric,
         "out": args.out,
     }
     if args.command == "export":
@@ -392,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = not args.no_progress
     if args.tasks is not None and args.task != ALL_TASKS:
         args.error(f"--tasks applies to TASK 'all' only, not {args.task!r}")
+    if args.metric is not None and args.task == ALL_TASKS:
+        args.error("--metric applies to one TASK, not 'all' (tasks have different metrics)")
+    if args.task == ALL_TASKS:
+        del study["metric"]
     if args.task == ALL_TASKS:
         try:
             suite = run_all(

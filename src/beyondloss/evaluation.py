@@ -14,6 +14,13 @@ as the base model is, so post-hoc transforms are compared with the base on the d
 :class:`LogitsEvaluator` puts the :class:`~beyondloss.posthoc.tracker.PosthocTracker` (per-epoch
 logits of a classifier and its SWA, for temperature scaling and ensembles chosen after training)
 in the same loop, checkpointed the same way.
+
+Temperature scaling is an output-space transform: :func:`calibrated` wraps a model of a
+:class:`~beyondloss.tasks.base.ClassifierTask` with the temperature fitted on its validation
+logits, and :func:`calibrated_deployment` deploys the wrapped model. It composes with the
+others: a ``"ts"`` deployment of a :class:`WeightAverageEvaluator` scales the averaged model
+(SWA → TS), and an ensemble of calibrated members, scaled again, is the post-hoc paper's
+SWA → TS per member → mean → TS.
 """
 
 from __future__ import annotations
@@ -24,10 +31,37 @@ from typing import Any
 from torch import nn
 
 from beyondloss.posthoc.averaging import WeightAverage
+from beyondloss.posthoc.temperature import TemperatureScaled, TemperatureScaling
 from beyondloss.posthoc.tracker import PosthocTracker
+from beyondloss.tasks.base import ClassifierTask
 
 Deployment = Callable[[nn.Module], Mapping[str, float]]
 """``model -> metrics``: how a model is judged when deployed, e.g. ``task.evaluate`` on a split."""
+
+
+def calibrated(task: ClassifierTask, model: nn.Module) -> TemperatureScaled:
+    """``model`` with its logits divided by ``T*``, the temperature that minimises the NLL of
+    its validation logits under the observed validation labels (see
+    :class:`~beyondloss.posthoc.temperature.TemperatureScaling`)."""
+    scaling = TemperatureScaling().fit(task.predict(model, "val"), task.labels("val"))
+    return TemperatureScaled(model, scaling.temperature)
+
+
+def calibrated_deployment(
+    task: ClassifierTask, deployments: Mapping[str, Deployment]
+) -> Deployment:
+    """Deployment of the temperature-scaled model: fit ``T*`` on val (:func:`calibrated`), then
+    ``{prefix}_{metric}`` of each of ``deployments`` applied to the scaled model, and
+    ``temperature``."""
+
+    def deploy(model: nn.Module) -> dict[str, float]:
+        scaled = calibrated(task, model)
+        metrics = {"temperature": scaled.temperature.item()}
+        for prefix, deployment in deployments.items():
+            metrics |= {f"{prefix}_{name}": value for name, value in deployment(scaled).items()}
+        return metrics
+
+    return deploy
 
 
 class WeightAverageEvaluator:
@@ -96,6 +130,8 @@ class LogitsEvaluator:
     and ``val_loss``, the base model's val NLL. All are computed from the float16 logits the
     tracker stores, so they are exactly what post-hoc selection sees.
     """
+
+    name = "logits"
 
     def __init__(self, tracker: PosthocTracker) -> None:
         self.tracker = tracker

@@ -8,6 +8,11 @@ Schema
 ``metrics(run_id, epoch, name, value, PK(run_id, epoch, name))``
     Long format. Rows are written with ``INSERT OR REPLACE``, so an epoch redone after a crash
     overwrites its earlier values instead of duplicating them.
+``artifacts(run_id, name, path, epoch, bytes, sha256, contents JSON, PK(run_id, name))``
+    Files a run leaves behind, e.g. its final ``checkpoint`` (model, optimizer, and the states
+    of its evaluators: weight averages, tracked logits). ``path`` is relative to the store's
+    folder when the file lies under it, so a study folder can be moved as a whole; ``sha256``
+    lets a reader check that the file is the one the run's metrics came from.
 
 The database runs in WAL mode with a busy timeout, so several processes (one
 :class:`ResultsStore` each) may read and write the same file at once. A store object owns one
@@ -16,13 +21,16 @@ connection; do not share it across threads or forked processes, open a new one t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,6 +59,16 @@ CREATE TABLE IF NOT EXISTS metrics (
     name   TEXT NOT NULL,
     value  REAL,  -- NULL stands for NaN, which SQLite cannot store, and ±inf are kept as is
     PRIMARY KEY (run_id, epoch, name)
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    run_id   TEXT NOT NULL REFERENCES runs (run_id),
+    name     TEXT NOT NULL,
+    path     TEXT NOT NULL,
+    epoch    INTEGER NOT NULL,
+    bytes    INTEGER NOT NULL,
+    sha256   TEXT NOT NULL,
+    contents TEXT NOT NULL,
+    PRIMARY KEY (run_id, name)
 );
 """
 
@@ -166,6 +184,53 @@ class ResultsStore:
             self._require_run(run_id)
             self._conn.execute("UPDATE runs SET status = 'complete' WHERE run_id = ?", (run_id,))
 
+    def add_artifact(
+        self,
+        run_id: str,
+        name: str,
+        path: str | os.PathLike[str],
+        epoch: int,
+        contents: Sequence[str] = (),
+    ) -> Artifact:
+        """Register (or replace) the file ``path`` as artifact ``name`` of ``run_id``, written
+        at ``epoch``; ``contents`` names what it holds. Its size and SHA-256 are recorded now.
+        Raises ``KeyError`` for an unknown run, ``FileNotFoundError`` for a missing file."""
+        artifact = Artifact(
+            name, Path(path).resolve(), int(epoch), os.path.getsize(path), sha256(path),
+            tuple(contents),
+        )
+        with self._write():
+            self._require_run(run_id)
+            self._conn.execute(
+                "INSERT OR REPLACE INTO artifacts (run_id, name, path, epoch, bytes, sha256,"
+                " contents) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id, name, self._relative(artifact.path), artifact.epoch,
+                    artifact.bytes, artifact.sha256, json.dumps(list(artifact.contents)),
+                ),
+            )
+        return artifact
+
+    def artifacts(self, run_id: str) -> dict[str, Artifact]:
+        """The registered artifacts of ``run_id`` by name (empty if none or an unknown run),
+        with absolute paths."""
+        rows = self._conn.execute(
+            "SELECT * FROM artifacts WHERE run_id = ? ORDER BY name", (run_id,)
+        ).fetchall()
+        folder = Path(self.path).resolve().parent
+        return {
+            row["name"]: Artifact(
+                row["name"], folder / row["path"], row["epoch"], row["bytes"], row["sha256"],
+                tuple(json.loads(row["contents"])),
+            )
+            for row in rows
+        }
+
+    def _relative(self, path: Path) -> str:
+        """``path`` relative to the store's folder if it lies under it, else absolute."""
+        folder = Path(self.path).resolve().parent
+        return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+
     def is_complete(self, run_id: str) -> bool:
         """Whether the run exists and is marked complete."""
         row = self._conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -261,6 +326,38 @@ class ResultsStore:
     def _require_run(self, run_id: str) -> None:
         if self._conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
             raise KeyError(f"unknown run {run_id!r}; register it with add_run first")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file registered for a run (see the module's schema); ``path`` is absolute."""
+
+    name: str
+    path: Path
+    epoch: int
+    bytes: int
+    sha256: str
+    contents: tuple[str, ...]
+
+    def verify(self) -> None:
+        """Raise ``FileNotFoundError`` if the file is gone, ``ValueError`` if its content is
+        not the registered one (another run wrote over it, or it was edited)."""
+        if not self.path.exists():
+            raise FileNotFoundError(f"artifact {self.name} is missing: {self.path}")
+        if sha256(self.path) != self.sha256:
+            raise ValueError(
+                f"artifact {self.name} at {self.path} changed since it was registered "
+                "(SHA-256 differs)"
+            )
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

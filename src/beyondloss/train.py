@@ -104,7 +104,9 @@ def train(
 
     With ``store`` and ``run_id`` (both or neither; the run must already be registered with
     :meth:`ResultsStore.add_run`), every epoch's metrics are logged and the run is marked
-    complete at the end. ``progress`` shows a tqdm bar over epochs when stderr is a terminal.
+    complete at the end; with ``run_dir`` too, the final checkpoint is first registered as the
+    run's ``checkpoint`` artifact (:meth:`ResultsStore.add_artifact`). ``progress`` shows a
+    tqdm bar over epochs when stderr is a terminal.
     """
     if (store is None) != (run_id is None):
         raise ValueError("store and run_id must be given together")
@@ -147,6 +149,14 @@ def train(
     bar.close()
 
     if store is not None and run_id is not None:
+        if checkpoint is not None and history:
+            contents = ["model", "optimizer", "rng", "history"]
+            contents += [
+                f"evaluator:{getattr(evaluator, 'name', type(evaluator).__name__)}"
+                for evaluator in evaluators
+                if hasattr(evaluator, "state_dict")
+            ]
+            store.add_artifact(run_id, "checkpoint", checkpoint, len(history), contents)
         store.mark_complete(run_id)
     return history
 

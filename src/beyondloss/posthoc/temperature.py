@@ -16,7 +16,7 @@ import math
 
 import torch
 from scipy.optimize import minimize_scalar
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class TemperatureScaling:
@@ -83,3 +83,24 @@ class TemperatureScaling:
     def __repr__(self) -> str:
         fitted = "unfitted" if self._temperature is None else f"T={self._temperature:.4g}"
         return f"TemperatureScaling({fitted})"
+
+
+class TemperatureScaled(nn.Module):
+    """``model`` deployed with its logits divided by a fitted temperature ``T``.
+
+    ``forward(*args) = model(*args) / T``: the argmax, hence every decision a classifier or a
+    greedy token model makes, is unchanged; only probability metrics (NLL, ECE, Brier) move.
+    ``T`` is a buffer, so :meth:`state_dict` carries it with the model's weights and a module
+    built with any placeholder temperature loads it back exactly.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
+        super().__init__()
+        if not (math.isfinite(temperature) and temperature > 0.0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float64))
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        logits = self.model(*args, **kwargs)
+        return logits / self.temperature.to(logits.dtype)

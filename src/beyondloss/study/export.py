@@ -25,12 +25,14 @@ import torch
 from torch import nn
 
 from beyondloss.posthoc.ensemble import OutputEnsemble
+from beyondloss.posthoc.temperature import TemperatureScaled
 from beyondloss.selection.configs import rank_key, select_lr, summarize
 from beyondloss.store import ResultsStore
 from beyondloss.study.ttf import (
     DATA_SEED,
     STORE_NAME,
     StudySpec,
+    ensemble_of,
     grid_configs,
     rebuild,
     run_job,
@@ -94,7 +96,7 @@ def select_model(
         )
     if optimizer is not None and optimizer not in spec.optimizers:
         raise ValueError(f"optimizer {optimizer!r} is not in the study ({spec.optimizers})")
-    task = TASKS[spec.task](spec.size, DATA_SEED)
+    task = spec.make_task()
     higher = task.higher_is_better[task.primary_metric]
     kind = criterion if criterion not in CRITERIA else "base"
     prefix = "" if kind == "base" else f"{kind}_"
@@ -155,9 +157,26 @@ def selected_module(spec: StudySpec, selected: SelectedModel) -> nn.Module:
     seeds = {spec.run_id(selected.optimizer, selected.lr, s): s for s in range(spec.grid_seeds)}
     jobs = [run_job(spec, selected.optimizer, selected.lr, seeds[i]) for i in selected.run_ids]
     if selected.kind in spec.ensembles:
-        member_kind = selected.kind.removesuffix("ens").removesuffix("_") or "base"
-        return OutputEnsemble([rebuild(job, member_kind) for job in jobs])
+        plain = selected.kind.removesuffix("_ts")
+        member_kind = plain.removesuffix("ens").removesuffix("_") or "base"
+        members = [rebuild(job, member_kind) for job in jobs]
+        return ensemble_of(spec.make_task(), members, scaled=plain != selected.kind)
     return rebuild(jobs[0], selected.kind)
+
+
+def _structure(task: Task, kind: str, members: int | None) -> nn.Module:
+    """An untrained model shaped like an exported ``kind``: ``task.make_model()``, an
+    :class:`OutputEnsemble` of ``members`` of them, and for a temperature-scaled kind
+    (``..._ts``) each member and the whole wrapped in :class:`TemperatureScaled`; loading the
+    exported ``state_dict`` sets the weights and the temperatures."""
+    scaled = kind == "ts" or kind.endswith("_ts")
+    if members is None:
+        model = task.make_model()
+        return TemperatureScaled(model) if scaled else model
+    parts = [task.make_model() for _ in range(members)]
+    if not scaled:
+        return OutputEnsemble(parts)
+    return TemperatureScaled(OutputEnsemble([TemperatureScaled(part) for part in parts]))
 
 
 def export_model(
@@ -179,7 +198,7 @@ def export_model(
         "task": spec.task,
         "size": spec.size,
         "data_seed": DATA_SEED,
-        "members": len(module.members) if isinstance(module, OutputEnsemble) else None,
+        "members": _ensemble_size(module),
         "state_dict": module.state_dict(),
         "selected": {
             **{name: getattr(selected, name) for name in ("criterion", "metric", "optimizer")},
@@ -197,6 +216,12 @@ def export_model(
     return selected
 
 
+def _ensemble_size(module: nn.Module) -> int | None:
+    """Members of an (optionally temperature-scaled) ensemble; ``None`` for a single model."""
+    inner = module.model if isinstance(module, TemperatureScaled) else module
+    return len(inner.members) if isinstance(inner, OutputEnsemble) else None
+
+
 def load_model(path: str | os.PathLike[str]) -> tuple[Task, nn.Module, dict[str, Any]]:
     """The task, the model and the file's ``selected`` record of an exported model.
 
@@ -207,11 +232,6 @@ def load_model(path: str | os.PathLike[str]) -> tuple[Task, nn.Module, dict[str,
     if payload.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not an exported beyondloss model (format {FORMAT_VERSION})")
     task = TASKS[payload["task"]](payload["size"], payload["data_seed"])
-    members = payload["members"]
-    model = (
-        task.make_model()
-        if members is None
-        else OutputEnsemble([task.make_model() for _ in range(members)])
-    )
+    model = _structure(task, payload["selected"]["kind"], payload["members"])
     model.load_state_dict(payload["state_dict"])
     return task, model, payload["selected"]

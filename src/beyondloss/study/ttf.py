@@ -31,13 +31,20 @@ import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from beyondloss.evaluation import LogitsEvaluator, WeightAverageEvaluator
+from beyondloss.evaluation import (
+    Deployment,
+    LogitsEvaluator,
+    WeightAverageEvaluator,
+    calibrated,
+    calibrated_deployment,
+)
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.diagnostics import AMPLIFICATION_WARNING
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
@@ -74,7 +81,7 @@ from beyondloss.study.report import (
     write_csv,
     write_gains_csv,
 )
-from beyondloss.tasks import SIZES, TASKS, Task, TaskFactory, suite
+from beyondloss.tasks import SIZES, TASKS, ClassifierTask, Task, TaskFactory, selecting, suite
 from beyondloss.train import CHECKPOINT_NAME, Evaluator, TrainConfig, loss_evaluator, train
 
 DATA_SEED = 0
@@ -93,9 +100,13 @@ STORE_NAME = "beyondloss.db"
 """File name of the results store inside ``spec.out``."""
 
 WEIGHT_TRANSFORMS = ("swa", "ema")
-"""Weight-space transforms: they change what a run evaluates, so they tag its run id."""
+"""Weight-space transforms, evaluated in each run."""
 
-TRANSFORMS = (*WEIGHT_TRANSFORMS, "ens")
+RUN_TRANSFORMS = (*WEIGHT_TRANSFORMS, "ts")
+"""Transforms evaluated in each run (weight averages and temperature scaling): they change what
+a run evaluates, so they tag its run id."""
+
+TRANSFORMS = (*RUN_TRANSFORMS, "ens")
 """Transforms a study evaluates beside the base model (see ``StudySpec``)."""
 
 EMA_DECAY = 0.9
@@ -158,7 +169,11 @@ class StudySpec:
         policy, dynamics model or velocity field is rolled out on the mean prediction) at the
         final epoch, of the base models (``ens_val_<metric>``, ...) and of each weight average
         (``swa_ens_...``); it is stored as one run per configuration (:meth:`ensemble_id`) and
-        does not change the runs' ids.
+        does not change the runs' ids. ``"ts"`` (tasks whose models output class logits,
+        :class:`~beyondloss.tasks.base.ClassifierTask`) divides the logits of the base model
+        and of each weight average by the temperature fitted on its validation logits
+        (``ts_...``, ``swa_ts_...``), and with ``"ens"`` adds the post-hoc paper's composition
+        TS per member → mean → TS (``ens_ts_...``, ``swa_ens_ts_...``). It tags the run ids.
     transform_every:
         Evaluate the transforms every ``transform_every`` epochs and at the last (the averages
         are updated every epoch).
@@ -167,6 +182,11 @@ class StudySpec:
         and at the last; ``val_loss`` is evaluated every epoch. Between, the store holds no
         downstream value, so Kendall τ over checkpoints uses the evaluated epochs only. Tags the
         run ids of every optimizer (``-eval2``).
+    metric:
+        The downstream metric the study selects and reports by; ``None`` is the task's primary
+        metric. Another (e.g. ``nll`` of a classifier, the metric temperature scaling changes)
+        makes every run evaluate all metrics on val (:class:`~beyondloss.tasks.SelectedMetric`)
+        and tags the run ids (``-by-nll``).
     workers:
         Processes training runs in parallel, one torch thread each.
     out:
@@ -183,6 +203,7 @@ class StudySpec:
     transforms: tuple[str, ...] = ()
     transform_every: int = 1
     eval_every: int = 1
+    metric: str | None = None
     workers: int = 2
     out: Path = field(default=Path("runs"))
 
@@ -225,12 +246,26 @@ class StudySpec:
             )
         if "ens" in transforms and seeds < 2:
             raise ValueError(f"the 'ens' transform needs seeds >= 2, got {seeds}")
+        task = TASKS[self.task](self.size, DATA_SEED)
+        if "ts" in transforms and not isinstance(task, ClassifierTask):
+            raise ValueError(
+                f"the 'ts' transform needs a task whose model outputs class logits "
+                f"({', '.join(n for n, f in TASKS.items() if _is_classifier(f))}); "
+                f"{self.task} has none"
+            )
+        metric = None if self.metric in (None, task.primary_metric) else self.metric
+        if metric is not None and metric not in task.higher_is_better:
+            raise ValueError(
+                f"task {self.task} has no metric {metric!r}; it has "
+                f"{', '.join(task.higher_is_better)}"
+            )
         for name in ("transform_every", "eval_every", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         object.__setattr__(self, "optimizers", optimizers)
         object.__setattr__(self, "transforms", transforms)
+        object.__setattr__(self, "metric", metric)
         object.__setattr__(self, "lrs", lrs)
         object.__setattr__(self, "seeds", seeds)
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
@@ -267,6 +302,17 @@ class StudySpec:
         """The study's folder, ``out/<name>``."""
         return self.out / self.name
 
+    def make_task(self) -> Task:
+        """The study's task (data seed :data:`DATA_SEED`), judged by :attr:`metric`."""
+        return self.factory(self.size, DATA_SEED)
+
+    @property
+    def factory(self) -> TaskFactory:
+        """The registry's factory of :attr:`task`, wrapped to judge by :attr:`metric` if set
+        (picklable)."""
+        factory = TASKS[self.task]
+        return factory if self.metric is None else partial(selecting, factory, self.metric)
+
     def study_of(self, optimizer: str) -> str:
         """Name of the study owning ``optimizer``'s runs: :attr:`name` without ``-ens``, and
         for a plain optimizer also without DoPr tags (the DoPr settings do not change its runs)."""
@@ -291,17 +337,30 @@ class StudySpec:
         return tuple(name for name in self.transforms if name in WEIGHT_TRANSFORMS)
 
     @property
+    def run_transforms(self) -> tuple[str, ...]:
+        """The transforms each run evaluates (:data:`RUN_TRANSFORMS` among :attr:`transforms`)."""
+        return tuple(name for name in self.transforms if name in RUN_TRANSFORMS)
+
+    @property
     def ensembles(self) -> tuple[str, ...]:
         """Names of the ensemble transforms evaluated: ``ens`` and ``<average>_ens`` per weight
-        average; empty without ``"ens"``."""
+        average, then with ``"ts"`` the same with ``_ts`` (members scaled, then the mean);
+        empty without ``"ens"``."""
         if "ens" not in self.transforms:
             return ()
-        return ("ens", *(f"{name}_ens" for name in self.weight_transforms))
+        plain = ("ens", *(f"{name}_ens" for name in self.weight_transforms))
+        return plain + (tuple(f"{name}_ts" for name in plain) if "ts" in self.transforms else ())
 
     @property
     def evaluated(self) -> tuple[str, ...]:
-        """Every transform whose metrics the study reads: weight averages, then ensembles."""
-        return self.weight_transforms + self.ensembles
+        """Every transform whose metrics the study reads: weight averages, then with ``"ts"``
+        the scaled base model and averages (``ts``, ``swa_ts``, ...), then ensembles."""
+        scaled = ("ts", *(f"{name}_ts" for name in self.weight_transforms))
+        return (
+            self.weight_transforms
+            + (scaled if "ts" in self.transforms else ())
+            + self.ensembles
+        )
 
     def grid(self) -> Iterator[tuple[str, float, int]]:
         """Every ``(optimizer, lr, seed)``, optimizer-major, in spec order."""
@@ -315,10 +374,10 @@ class StudySpec:
         """Tags of the settings that change every optimizer's runs: weight decay, transforms."""
         tag = f"-wd{self.weight_decay:g}" if self.weight_decay else ""
         tag += f"-eval{self.eval_every}" if self.eval_every != 1 else ""
-        if self.weight_transforms:
-            tag += "-" + "+".join(self.weight_transforms)
+        if self.run_transforms:
+            tag += "-" + "+".join(self.run_transforms)
             tag += f"-every{self.transform_every}" if self.transform_every != 1 else ""
-        return tag
+        return tag + (f"-by-{self.metric}" if self.metric is not None else "")
 
     @property
     def _dopr_tag(self) -> str:
@@ -347,6 +406,11 @@ def grid_values(label: str, values: Sequence[float], allow_zero: bool = False) -
     if len({format_lr(v) for v in out}) != len(out):
         raise ValueError(f"{label} must be distinct, got {list(out)}")
     return out
+
+
+def _is_classifier(factory: TaskFactory) -> bool:
+    """Whether ``factory``'s tasks output class logits (:class:`ClassifierTask`)."""
+    return isinstance(factory("quick", DATA_SEED), ClassifierTask)
 
 
 def _is_dopr(optimizer: str) -> bool:
@@ -461,7 +525,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
             for optimizer, lr in grid_configs(spec)
             if spec.ensembles
         }
-    task = TASKS[spec.task](spec.size, DATA_SEED)
+    task = spec.make_task()
     finals = {
         key: {name: values[-1] for name, values in run.items() if name != "epoch"}
         for key, run in curves.items()
@@ -640,7 +704,7 @@ def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
     run_id = spec.run_id(optimizer, lr, seed)
     return RunJob(
         run_id=run_id,
-        factory=TASKS[spec.task],
+        factory=spec.factory,
         task=spec.task,
         size=spec.size,
         optimizer=optimizer,
@@ -651,7 +715,7 @@ def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
         run_dir=spec.out / spec.study_of(optimizer) / "runs" / run_id,
         db=spec.out / STORE_NAME,
         study=spec.study_of(optimizer),
-        transforms=spec.weight_transforms,
+        transforms=spec.run_transforms,
         transform_every=spec.transform_every,
         eval_every=spec.eval_every,
     )
@@ -737,19 +801,24 @@ def _evaluators(task: Task, job: RunJob) -> list[Evaluator]:
 
 
 def rebuild(job: RunJob, kind: str = "base") -> nn.Module:
-    """The final model of ``job``'s run from its checkpoint: ``"base"``, or the weight average
-    ``kind`` (one of ``job.transforms``) as it was when the run evaluated it last.
+    """The final model of ``job``'s run from its checkpoint: ``"base"``, the weight average
+    ``kind`` (``"swa"`` or ``"ema"``, one of ``job.transforms``) as it was when the run
+    evaluated it last, or either scaled by its fitted temperature (``"ts"``, ``"swa_ts"``; the
+    fit is deterministic, so the temperature is the one the run found).
 
     Raises ``FileNotFoundError`` without a checkpoint and ``ValueError`` for an unknown kind.
     """
     task = job.factory(job.size, job.data_seed)
-    payload = torch.load(job.run_dir / CHECKPOINT_NAME, weights_only=False)
+    kinds = _run_kinds(job.transforms)
+    if kind not in kinds:
+        raise ValueError(f"run {job.run_id} has no {kind!r}; it has {', '.join(kinds)}")
+    if kind == "ts" or kind.endswith("_ts"):
+        return calibrated(task, rebuild(job, kind.removesuffix("ts").removesuffix("_") or "base"))
+    payload = torch.load(checkpoint_of(job), weights_only=False)
     model = task.make_model()
     model.load_state_dict(payload["model"])
     if kind == "base":
         return model
-    if kind not in job.transforms:
-        raise ValueError(f"run {job.run_id} has no {kind!r}; it has base, {job.transforms}")
     for evaluator, state in zip(_evaluators(task, job), payload["evaluators"], strict=False):
         if isinstance(evaluator, WeightAverageEvaluator) and evaluator.name == kind:
             evaluator.load_state_dict(state, model)
@@ -757,24 +826,56 @@ def rebuild(job: RunJob, kind: str = "base") -> nn.Module:
     raise AssertionError(f"checkpoint of {job.run_id} holds no state of {kind!r}")
 
 
+def checkpoint_of(job: RunJob) -> Path:
+    """The checkpoint of ``job``'s run as the store registered it, checked against its
+    SHA-256 (``ValueError`` if the file changed since); a run without a registered checkpoint
+    (it diverged) has the one in its run folder."""
+    with ResultsStore(job.db) as store:
+        artifact = store.artifacts(job.run_id).get("checkpoint")
+    if artifact is None:
+        return job.run_dir / CHECKPOINT_NAME
+    artifact.verify()
+    return artifact.path
+
+
+def _run_kinds(transforms: Sequence[str]) -> tuple[str, ...]:
+    """The models a run with ``transforms`` evaluates: ``base``, each weight average, and with
+    ``"ts"`` each of them temperature-scaled (``ts``, ``swa_ts``, ...)."""
+    sources = ("base", *(name for name in transforms if name in WEIGHT_TRANSFORMS))
+    scaled = tuple("ts" if s == "base" else f"{s}_ts" for s in sources)
+    return sources + (scaled if "ts" in transforms else ())
+
+
+def ensemble_of(task: Task, members: Sequence[nn.Module], scaled: bool) -> nn.Module:
+    """Members deployed as one model: the mean of their outputs (:class:`OutputEnsemble`), or
+    with ``scaled`` the post-hoc paper's TS per member → mean → TS (a classifier task's)."""
+    if not scaled:
+        return OutputEnsemble(members)
+    return calibrated(task, OutputEnsemble([calibrated(task, m) for m in members]))
+
+
 def _ensemble_one(job: _EnsembleJob) -> None:
-    """Deploy the members of ``job`` as one :class:`OutputEnsemble` per kind (base and each
-    weight average) at the final epoch; store its val and test metrics as the ensemble's run.
-    A member that did not reach the final epoch (it diverged) makes the ensemble's metrics NaN.
+    """Deploy the members of ``job`` as one ensemble per kind (base and each weight average,
+    each plain and, with ``"ts"``, scaled: :func:`ensemble_of`) at the final epoch; store its
+    val and test metrics as the ensemble's run. A member that did not reach the final epoch
+    (it diverged) makes the ensemble's metrics NaN.
     """
     first = job.members[0]
     task = first.factory(first.size, first.data_seed)
     complete = all(
-        torch.load(m.run_dir / CHECKPOINT_NAME, weights_only=False)["epoch"] == task.epochs
+        torch.load(checkpoint_of(m), weights_only=False)["epoch"] == task.epochs
         for m in job.members
     )
     metrics: dict[str, float] = {}
-    for kind in ("base", *first.transforms):
-        name = "ens" if kind == "base" else f"{kind}_ens"
+    sources = ("base", *(name for name in first.transforms if name in WEIGHT_TRANSFORMS))
+    for kind, scaled in [(k, False) for k in sources] + [
+        (k, True) for k in sources if "ts" in first.transforms
+    ]:
+        name = ("ens" if kind == "base" else f"{kind}_ens") + ("_ts" if scaled else "")
         if not complete:
             metrics[f"{name}_val_{task.primary_metric}"] = math.nan
             continue
-        ensemble = OutputEnsemble([rebuild(member, kind) for member in job.members])
+        ensemble = ensemble_of(task, [rebuild(member, kind) for member in job.members], scaled)
         for split in ("val", "test"):
             values = task.evaluate(ensemble, split, primary_only=split == "val")
             metrics |= {f"{name}_{split}_{metric}": value for metric, value in values.items()}
@@ -868,21 +969,41 @@ def swa_start(epochs: int) -> int:
 
 
 def _transform_evaluators(task: Task, job: RunJob) -> list[Evaluator]:
-    """The weight averages ``job.transforms`` asks for, each rolled out on val and test."""
+    """The weight averages ``job.transforms`` asks for, each rolled out on val and test; with
+    ``"ts"`` also each average and the base model temperature-scaled (``swa_ts_...``,
+    ``ts_...``) at the same cadence."""
     averages = {
         "swa": lambda: SWA(start_epoch=swa_start(task.epochs)),
         "ema": lambda: EMA(EMA_DECAY),
     }
-    deployments = {
+    deployments: dict[str, Deployment] = {
         "val": lambda model: task.evaluate(model, "val", primary_only=True),
         "test": lambda model: task.evaluate(model, "test"),
     }
-    return [
+    if "ts" in job.transforms:
+        deployments["ts"] = calibrated_deployment(task, dict(deployments))  # type: ignore[arg-type]
+    evaluators: list[Evaluator] = [
         WeightAverageEvaluator(
             name, averages[name](), deployments, job.transform_every, last_epoch=task.epochs
         )
         for name in job.transforms
+        if name in WEIGHT_TRANSFORMS
     ]
+    if "ts" in job.transforms:
+        evaluators.append(_deployed("ts", deployments["ts"], job.transform_every, task.epochs))
+    return evaluators
+
+
+def _deployed(name: str, deploy: Deployment, every: int, last_epoch: int) -> Evaluator:
+    """Evaluator of ``deploy(model)`` as ``{name}_{metric}``, every ``every`` epochs and at
+    ``last_epoch`` (no metrics between)."""
+
+    def evaluate(model: nn.Module, epoch: int) -> dict[str, float]:
+        if epoch % every and epoch != last_epoch:
+            return {}
+        return {f"{name}_{metric}": float(value) for metric, value in deploy(model).items()}
+
+    return evaluate
 
 
 def _ap_spectra(preconditioner: ActivationPreconditioner) -> Evaluator:
@@ -914,14 +1035,12 @@ def _downstream(task: Task, split: str, every: int = 1) -> Evaluator:
     return evaluate
 
 
-_TRANSFORM_LABELS = {
-    "swa": "SWA",
-    "ema": "EMA",
-    "ens": "Ens",
-    "swa_ens": "SWA+Ens",
-    "ema_ens": "EMA+Ens",
-}
-"""How reports name the transforms."""
+_LABEL_PARTS = {"swa": "SWA", "ema": "EMA", "ens": "Ens", "ts": "TS"}
+
+
+def transform_label(name: str) -> str:
+    """How reports name a transform: ``swa_ens_ts`` → ``SWA+Ens+TS``."""
+    return "+".join(_LABEL_PARTS.get(part, part) for part in name.split("_"))
 
 
 _DIAGNOSTICS = (
@@ -945,7 +1064,7 @@ def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
     primary, higher = task.primary_metric, task.higher_is_better[task.primary_metric]
     criteria = {"val loss": ("val_loss", ""), "downstream": (f"val_{primary}", "")}
     criteria |= {
-        f"post-hoc {_TRANSFORM_LABELS[name]}": (f"{name}_val_{primary}", f"{name}_")
+        f"post-hoc {transform_label(name)}": (f"{name}_val_{primary}", f"{name}_")
         for name in spec.evaluated
     }
     choices = deploy_choices(summaries, criteria, primary, higher)
@@ -982,7 +1101,7 @@ def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
 
 def _joint_cell(pick: Pick, primary: str) -> str:
     """``<model> @<lr>: <test metric>``, the model named by its transform label or ``base``."""
-    model = _TRANSFORM_LABELS[pick.prefix.removesuffix("_")] if pick.prefix else "base"
+    model = transform_label(pick.prefix.removesuffix("_")) if pick.prefix else "base"
     test = format_cell(pick.summary, f"{pick.prefix}test_{primary}")
     return f"{model} @{format_lr(pick.summary.lr)}: {test}"
 
@@ -1037,7 +1156,7 @@ def _transforms_table(
         blocks += [
             "",
             f"Each optimizer at the learning rate with the best `{criterion}` (post-hoc "
-            f"selection for {_TRANSFORM_LABELS.get(name, name)}):",
+            f"selection for {transform_label(name)}):",
             "",
             markdown_table(
                 list(chosen.values()), [f"{name}_test_{task.primary_metric}"], directions
@@ -1063,10 +1182,10 @@ def _cadence_text(spec: StudySpec) -> str:
     k = spec.eval_every
     base = "every epoch" if k == 1 else f"every {k} epochs and at the last"
     text = f"The base model is rolled out {base} (val loss every epoch)"
-    if spec.weight_transforms:
+    if spec.run_transforms:
         every = spec.transform_every
         plural = "s" if every > 1 else ""
-        text += f"; the weight averages every {every} epoch{plural} and at the last"
+        text += f"; the run's transforms every {every} epoch{plural} and at the last"
     return text + "."
 
 
@@ -1214,6 +1333,9 @@ def _transforms_text(spec: StudySpec, task: Task) -> str:
         "ens": f"Ens deploys the final models of the {spec.grid_seeds} seeds as one model (the "
         "mean of their outputs; SWA+Ens: of their SWA models), a single model per "
         "configuration and so without a spread.",
+        "ts": "TS divides the logits by the temperature that minimises the validation NLL "
+        "(fitted for each model and epoch it is applied to; it never changes the argmax); "
+        "Ens+TS scales each member, averages the logits and scales the mean again.",
     }
     sentences = [text[name] for name in spec.transforms]
     sentences.append(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from beyondloss.tasks.base import Splits, Task
+from beyondloss.tasks.base import ClassifierTask, SelectedMetric, Splits, Task
 from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
 from beyondloss.tasks.flow import DATASETS as FLOW_DATASETS
 from beyondloss.tasks.flow import make_flow_task
@@ -24,6 +24,12 @@ SIZES = ("quick", "full")
 
 TaskFactory = Callable[[str, int], Task]
 """``(size, data_seed) -> Task``; ``size`` is one of :data:`SIZES`."""
+
+
+def selecting(factory: TaskFactory, metric: str, size: str, data_seed: int) -> Task:
+    """The task of ``factory`` judged by ``metric`` (:class:`SelectedMetric`); bind ``factory``
+    and ``metric`` with ``functools.partial`` for a picklable factory."""
+    return SelectedMetric(factory(size, data_seed), metric)
 
 
 def _check_size(size: str) -> None:
@@ -87,10 +93,13 @@ __all__ = [
     "QUICK_SUITE",
     "SIZES",
     "TASKS",
+    "ClassifierTask",
+    "SelectedMetric",
     "Splits",
     "Task",
     "TaskFactory",
     "lorenz",
     "make_task",
+    "selecting",
     "suite",
 ]

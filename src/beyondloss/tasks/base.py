@@ -94,3 +94,49 @@ class ConfiguredTask:
         if self._cached is None:
             self._cached = type(self).build_data(self.config)
         return self._cached
+
+
+@runtime_checkable
+class ClassifierTask(Task, Protocol):
+    """A task whose model outputs class logits ``(N, C)``: output-space transforms (temperature
+    scaling) are fitted on its validation logits and labels, then deployed by :meth:`evaluate`."""
+
+    def predict(self, model: nn.Module, split: str) -> torch.Tensor:
+        """Logits ``(N, C)`` of ``model`` on ``split``'s inputs (float32, CPU, no grad)."""
+        ...
+
+    def labels(self, split: str) -> torch.Tensor:
+        """Observed (possibly noisy) integer labels ``(N,)`` of ``split``."""
+        ...
+
+
+class SelectedMetric:
+    """``task`` judged by another of its downstream metrics: ``primary_metric`` is ``metric``.
+
+    Every study reads the task's primary metric (selection, curves, τ, reports); this view
+    makes a study select and report by ``metric`` instead, e.g. ``nll`` on a noisy-label
+    classifier, where temperature scaling changes NLL but not the error. :meth:`evaluate` asks
+    the task for every metric whenever the study would have asked for the primary one only;
+    everything else is the task's own.
+    """
+
+    def __init__(self, task: Task, metric: str) -> None:
+        if metric not in task.higher_is_better:
+            raise ValueError(
+                f"task {task.name} has no metric {metric!r}; it has "
+                f"{', '.join(task.higher_is_better)}"
+            )
+        self.task = task
+        self.primary_metric = metric
+
+    def evaluate(
+        self, model: nn.Module, split: str = "test", primary_only: bool = False
+    ) -> dict[str, float]:
+        """The task's metrics, all of them where ``primary_only`` would drop ``metric``."""
+        primary_only = primary_only and self.primary_metric == self.task.primary_metric
+        return self.task.evaluate(model, split, primary_only=primary_only)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "task":  # not yet set (e.g. during unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.task, name)

@@ -461,6 +461,10 @@ class NoisyLabelTask:
             model.train(was_training)
         return logits.float().cpu()
 
+    def labels(self, split: str) -> Tensor:
+        """Observed (noisy) labels ``(N,)`` of ``split``, the labels selection may use."""
+        return self._split(split).labels
+
     def evaluate(
         self, model: nn.Module, split: str = "test", primary_only: bool = False
     ) -> dict[str, float]:
