@@ -33,6 +33,7 @@ from beyondloss.study.ttf import (
     DEFAULT_LRS,
     DEFAULT_SEEDS,
     DOPR_SETTINGS,
+    EXECUTORS,
     STORE_NAME,
     TRANSFORMS,
     StudySpec,
@@ -160,7 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=positive_int,
         default=_DEFAULTS["workers"],
-        help="parallel training processes (default: %(default)s)",
+        help="runs trained in parallel: local processes, or the CPUs of the Ray instance "
+        "started for the study (default: %(default)s)",
+    )
+    ttf.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where runs execute: spawned local processes, or Ray tasks (needs the ray extra) "
+        "(default: %(default)s)",
+    )
+    ttf.add_argument(
+        "--address",
+        default=None,
+        help="with --executor ray: the Ray cluster to join (auto, host:port); default: start "
+        "a local Ray instance with --workers CPUs",
     )
     ttf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_posthoc_command(commands)
@@ -396,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         return _export(args, study)
     study["workers"] = args.workers
+    if args.executor != "local" or args.address is not None:
+        study |= {"executor": args.executor, "address": args.address}
     command = shlex.join(["beyondloss", *arguments])
     progress = not args.no_progress
     if args.tasks is not None and args.task != ALL_TASKS:

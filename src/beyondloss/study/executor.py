@@ -13,13 +13,28 @@ import multiprocessing
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
 Call = tuple[Any, ...]
 """``(fn, *args)``: ``fn(*args)`` is what runs."""
+
+
+class Executor(Protocol):
+    """What a study needs of an executor (used as a context manager around its calls)."""
+
+    def run(
+        self,
+        calls: Sequence[Call],
+        names: Sequence[str],
+        desc: str,
+        progress: bool = True,
+        total: int | None = None,
+    ) -> list[Any]:
+        """Results of ``fn(*args)`` for each call, in order."""
+        ...
 
 
 class LocalExecutor:

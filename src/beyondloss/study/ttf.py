@@ -61,7 +61,7 @@ from beyondloss.selection.configs import (
     summarize,
 )
 from beyondloss.store import ResultsStore
-from beyondloss.study.executor import LocalExecutor
+from beyondloss.study.executor import Executor, LocalExecutor
 from beyondloss.study.html import write_report
 from beyondloss.study.report import (
     CI_LABEL,
@@ -83,6 +83,9 @@ from beyondloss.study.report import (
 )
 from beyondloss.tasks import SIZES, TASKS, ClassifierTask, Task, TaskFactory, selecting, suite
 from beyondloss.train import CHECKPOINT_NAME, Evaluator, TrainConfig, loss_evaluator, train
+
+EXECUTORS = ("local", "ray")
+"""Where a study's runs can execute (:attr:`StudySpec.executor`)."""
 
 DATA_SEED = 0
 """Data seed of every run's task: all runs of a study see the same data."""
@@ -188,9 +191,17 @@ class StudySpec:
         makes every run evaluate all metrics on val (:class:`~beyondloss.tasks.SelectedMetric`)
         and tags the run ids (``-by-nll``).
     workers:
-        Processes training runs in parallel, one torch thread each.
+        Runs trained in parallel, one torch thread each: processes of the local pool, or the
+        CPUs of a Ray instance started for the study.
     out:
         Folder holding the results store and the study folders.
+    executor:
+        Where runs execute, one of :data:`EXECUTORS`: ``"local"`` (spawned processes) or
+        ``"ray"`` (Ray tasks, :class:`~beyondloss.study.ray_executor.RayExecutor`; needs the
+        ``ray`` extra). The results do not depend on it.
+    address:
+        With ``executor="ray"``, the cluster to join (``"auto"``, ``"host:port"``); ``None``
+        starts a local Ray instance with ``workers`` CPUs.
     """
 
     task: str
@@ -206,6 +217,8 @@ class StudySpec:
     metric: str | None = None
     workers: int = 2
     out: Path = field(default=Path("runs"))
+    executor: str = "local"
+    address: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -263,6 +276,12 @@ class StudySpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"unknown executor {self.executor!r}; expected one of {', '.join(EXECUTORS)}"
+            )
+        if self.address is not None and self.executor != "ray":
+            raise ValueError("address applies to executor 'ray' only")
         object.__setattr__(self, "optimizers", optimizers)
         object.__setattr__(self, "transforms", transforms)
         object.__setattr__(self, "metric", metric)
@@ -735,7 +754,7 @@ def _train_grid(spec: StudySpec, progress: bool) -> tuple[tuple[str, ...], tuple
             for optimizer, lr in grid_configs(spec)
             if spec.ensembles and not store.is_complete(spec.ensemble_id(optimizer, lr))
         ]
-    with LocalExecutor(min(spec.workers, len(pending) + len(ensembles))) as executor:
+    with _executor(spec, len(pending) + len(ensembles)) as executor:
         done = train_runs(executor, jobs, pending, spec.name, progress)
         if ensembles:
             executor.run(
@@ -745,6 +764,15 @@ def _train_grid(spec: StudySpec, progress: bool) -> tuple[tuple[str, ...], tuple
                 progress,
             )
     return done
+
+
+def _executor(spec: StudySpec, calls: int) -> Any:
+    """The executor of ``spec`` for ``calls`` calls (a local pool no larger than needed)."""
+    if spec.executor == "ray":
+        from beyondloss.study.ray_executor import RayExecutor
+
+        return RayExecutor(address=spec.address, num_cpus=spec.workers)
+    return LocalExecutor(min(spec.workers, calls))
 
 
 def pending_runs(jobs: Sequence[RunJob]) -> list[RunJob]:
@@ -757,7 +785,7 @@ def pending_runs(jobs: Sequence[RunJob]) -> list[RunJob]:
 
 
 def train_runs(
-    executor: LocalExecutor,
+    executor: Executor,
     jobs: Sequence[RunJob],
     pending: Sequence[RunJob],
     label: str,

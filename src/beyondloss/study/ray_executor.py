@@ -1,0 +1,142 @@
+"""A study's runs as Ray tasks, behind the interface of the local pool
+(:class:`~beyondloss.study.executor.LocalExecutor`).
+
+Each call ``(fn, *args)`` becomes one Ray task with ``cpus_per_run`` CPUs (and
+``gpus_per_run`` GPUs), running ``fn(*args)`` with that many torch threads, so that a run on
+Ray computes exactly what it computes in the local pool. A task whose worker process dies (a
+SIGKILL, a node leaving the cluster) is retried by Ray up to ``max_retries`` times; a study's
+run then resumes from its last checkpoint, which must therefore lie on storage that every node
+sees. Exceptions raised by ``fn`` are not retried: they are errors, reported by name.
+
+Needs the optional ``ray`` extra (``pip install 'beyondloss[ray]'``). ``address=None`` starts
+a Ray instance inside this process for the executor's lifetime; ``"auto"`` or
+``"ray://host:port"`` joins a running cluster (``ray start --head`` ...), which it leaves
+running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from tqdm import tqdm
+
+from beyondloss.study.executor import Call
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("the Ray executor needs Ray: pip install 'beyondloss[ray]'") from None
+    return ray
+
+
+def _call_with_threads(threads: int, call: Call) -> Any:
+    """``fn(*args)`` of ``call`` with ``threads`` torch threads (runs inside a Ray worker)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return call[0](*call[1:])
+
+
+class RayExecutor:
+    """Calls run as Ray tasks, under a progress bar over the calls finished.
+
+    Parameters
+    ----------
+    address:
+        Cluster to join (``"auto"``, ``"ray://host:port"``, ``"host:port"``); ``None`` starts a
+        local instance with ``num_cpus`` CPUs (all of the machine's if ``None``).
+    cpus_per_run, gpus_per_run:
+        Resources of each task; ``cpus_per_run`` is also its number of torch threads.
+    max_retries:
+        Retries of a task whose worker died (not of one that raised).
+    num_cpus:
+        CPUs of a local instance (ignored when joining a cluster).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        cpus_per_run: int = 1,
+        gpus_per_run: float = 0,
+        max_retries: int = 3,
+        num_cpus: int | None = None,
+    ) -> None:
+        for name, value in (("cpus_per_run", cpus_per_run), ("max_retries", max_retries)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if cpus_per_run < 1:
+            raise ValueError(f"cpus_per_run must be >= 1, got {cpus_per_run}")
+        if not gpus_per_run >= 0:
+            raise ValueError(f"gpus_per_run must be >= 0, got {gpus_per_run}")
+        self.address = address
+        self.cpus_per_run = cpus_per_run
+        self.gpus_per_run = gpus_per_run
+        self.max_retries = max_retries
+        self.num_cpus = num_cpus
+        self._ray: Any = None
+        self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        ray = _import_ray()
+        if not ray.is_initialized():
+            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if self.address is None:
+                options["num_cpus"] = self.num_cpus
+            ray.init(address=self.address, **options)
+            self._started = True
+        self._ray = ray
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._started:
+            self._ray.shutdown()
+            self._started = False
+        self._ray = None
+
+    def run(
+        self,
+        calls: Sequence[Call],
+        names: Sequence[str],
+        desc: str,
+        progress: bool = True,
+        total: int | None = None,
+    ) -> list[Any]:
+        """Results of ``fn(*args)`` for each call, in order, under a bar over ``total`` items of
+        which ``len(calls)`` are still to do. A failure is raised as ``RuntimeError`` naming the
+        call by ``names``; the other tasks are cancelled."""
+        if self._ray is None:
+            raise RuntimeError("use RayExecutor as a context manager: with RayExecutor() as ex")
+        ray = self._ray
+        total = len(calls) if total is None else total
+        task = ray.remote(
+            num_cpus=self.cpus_per_run,
+            num_gpus=self.gpus_per_run,
+            max_retries=self.max_retries,
+            retry_exceptions=False,
+        )(_call_with_threads)
+        refs = [task.remote(self.cpus_per_run, call) for call in calls]
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(calls)
+        waiting = list(refs)
+        with tqdm(total=total, initial=total - len(calls), desc=desc, disable=not progress) as bar:
+            while waiting:
+                [ready], waiting = ray.wait(waiting, num_returns=1)
+                i = index[ready]
+                try:
+                    results[i] = ray.get(ready)
+                except Exception as error:
+                    for ref in waiting:
+                        ray.cancel(ref, force=True)
+                    cause = getattr(error, "cause", None) or error
+                    raise RuntimeError(f"{desc} {names[i]} failed: {cause}") from error
+                bar.update()
+        return results
