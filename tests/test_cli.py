@@ -144,6 +144,8 @@ def test_ttf_all_validates_every_spec_before_training(
         (["study", "all", "--tasks", "lorenz,lorentz"], "unknown tasks ['lorentz']"),
         (["study", "lorenz", "--tasks", "sort"], "--tasks applies to TASK 'all' only"),
         (["study", "all", "--metric", "nll"], "--metric applies to one TASK, not 'all'"),
+        (["study", "lorenz", "--address", "auto"], "address applies to executor 'ray' only"),
+        (["study", "lorenz", "--executor", "dask"], "invalid choice: 'dask'"),
         (["study", "lorenz", "--metric", "nll"], "task lorenz has no metric 'nll'; it has vpt"),
         (["study", "lorenz", "--transforms", "ts"], "'ts' transform needs a task whose model"),
         (["ttf", "lorenz", "--size", "huge"], "invalid choice: 'huge'"),

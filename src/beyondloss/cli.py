@@ -12,6 +12,7 @@ printed to stdout.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import shlex
@@ -436,6 +437,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = StudySpec(task=args.task, size=args.size, **study)
     except ValueError as error:
         args.error(str(error))
-    result = run_study(spec, progress=progress, command=command)
+    if spec.executor == "ray" and importlib.util.find_spec("ray") is None:
+        args.error("--executor ray needs Ray: pip install 'beyondloss[ray]'")
+    try:
+        result = run_study(spec, progress=progress, command=command)
+    except ConnectionError as error:
+        print(f"beyondloss study: cannot reach the Ray cluster: {error}", file=sys.stderr)
+        return 1
     print(result.markdown)
     return 0
