@@ -10,7 +10,7 @@ with ``workers=0``. A distributed backend is one more class with the same :meth:
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from types import TracebackType
 from typing import Any, Protocol
@@ -80,21 +80,42 @@ class LocalExecutor:
         """Results of ``fn(*args)`` for each call, in order, under a bar over ``total`` items of
         which ``len(calls)`` are still to do. A failure is raised as ``RuntimeError`` naming the
         call by ``names``."""
-        total = len(calls) if total is None else total
-        results: list[Any] = [None] * len(calls)
         if self._pool is None:
-            done: Iterator[tuple[int, Future]] = ((i, _now(call)) for i, call in enumerate(calls))
+            done: Iterable[tuple[int, Getter]] = (
+                (i, _now(call).result) for i, call in enumerate(calls)
+            )
         else:
             futures = {self._pool.submit(*call): i for i, call in enumerate(calls)}
-            done = ((futures[future], future) for future in as_completed(futures))
-        with tqdm(total=total, initial=total - len(calls), desc=desc, disable=not progress) as bar:
-            for i, future in done:
-                try:
-                    results[i] = future.result()
-                except Exception as error:
-                    raise RuntimeError(f"{desc} {names[i]} failed: {error}") from error
-                bar.update()
-        return results
+            done = ((futures[future], future.result) for future in as_completed(futures))
+        return collect(done, len(calls), names, desc, progress, total)
+
+
+Getter = Callable[[], Any]
+"""A finished call's result: returns it, or raises the call's exception."""
+
+
+def collect(
+    done: Iterable[tuple[int, Getter]],
+    count: int,
+    names: Sequence[str],
+    desc: str,
+    progress: bool = True,
+    total: int | None = None,
+) -> list[Any]:
+    """The results of ``count`` calls, in call order, from ``done`` (``(index, getter)`` pairs
+    as the calls finish), under a bar over ``total`` items of which ``count`` are still to do;
+    the first failure is raised as ``RuntimeError`` naming the call by ``names``. Every
+    executor's :meth:`run` ends here."""
+    total = count if total is None else total
+    results: list[Any] = [None] * count
+    with tqdm(total=total, initial=total - count, desc=desc, disable=not progress) as bar:
+        for i, result in done:
+            try:
+                results[i] = result()
+            except Exception as error:
+                raise RuntimeError(f"{desc} {names[i]} failed: {error}") from error
+            bar.update()
+    return results
 
 
 def _now(call: Call) -> Future:

@@ -18,12 +18,14 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from beyondloss.evaluation import calibrated
 from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.posthoc.temperature import TemperatureScaled
 from beyondloss.selection.configs import rank_key, select_lr, summarize
@@ -160,7 +162,8 @@ def selected_module(spec: StudySpec, selected: SelectedModel) -> nn.Module:
         plain = selected.kind.removesuffix("_ts")
         member_kind = plain.removesuffix("ens").removesuffix("_") or "base"
         members = [rebuild(job, member_kind) for job in jobs]
-        return ensemble_of(spec.make_task(), members, scaled=plain != selected.kind)
+        scale = partial(calibrated, spec.make_task()) if plain != selected.kind else None
+        return ensemble_of(members, scale)
     return rebuild(jobs[0], selected.kind)
 
 
@@ -174,9 +177,7 @@ def _structure(task: Task, kind: str, members: int | None) -> nn.Module:
         model = task.make_model()
         return TemperatureScaled(model) if scaled else model
     parts = [task.make_model() for _ in range(members)]
-    if not scaled:
-        return OutputEnsemble(parts)
-    return TemperatureScaled(OutputEnsemble([TemperatureScaled(part) for part in parts]))
+    return ensemble_of(parts, TemperatureScaled if scaled else None)
 
 
 def export_model(

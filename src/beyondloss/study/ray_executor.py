@@ -16,13 +16,11 @@ running.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from tqdm import tqdm
-
-from beyondloss.study.executor import Call
+from beyondloss.study.executor import Call, Getter, collect
 
 
 def _import_ray() -> Any:
@@ -116,7 +114,6 @@ class RayExecutor:
         if self._ray is None:
             raise RuntimeError("use RayExecutor as a context manager: with RayExecutor() as ex")
         ray = self._ray
-        total = len(calls) if total is None else total
         task = ray.remote(
             num_cpus=self.cpus_per_run,
             num_gpus=self.gpus_per_run,
@@ -124,19 +121,26 @@ class RayExecutor:
             retry_exceptions=False,
         )(_call_with_threads)
         refs = [task.remote(self.cpus_per_run, call) for call in calls]
-        index = {ref: i for i, ref in enumerate(refs)}
-        results: list[Any] = [None] * len(calls)
-        waiting = list(refs)
-        with tqdm(total=total, initial=total - len(calls), desc=desc, disable=not progress) as bar:
-            while waiting:
-                [ready], waiting = ray.wait(waiting, num_returns=1)
-                i = index[ready]
-                try:
-                    results[i] = ray.get(ready)
-                except Exception as error:
-                    for ref in waiting:
-                        ray.cancel(ref, force=True)
-                    cause = getattr(error, "cause", None) or error
-                    raise RuntimeError(f"{desc} {names[i]} failed: {cause}") from error
-                bar.update()
-        return results
+        try:
+            return collect(_finished(ray, refs), len(calls), names, desc, progress, total)
+        except RuntimeError:
+            for ref in refs:  # cancelling a finished task does nothing
+                ray.cancel(ref, force=True)
+            raise
+
+
+def _finished(ray: Any, refs: Sequence[Any]) -> Iterator[tuple[int, Getter]]:
+    """``(index, getter)`` of each task in ``refs`` as it finishes; a getter raises the
+    exception the task's function raised (not Ray's wrapper of it)."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    waiting = list(refs)
+    while waiting:
+        [ready], waiting = ray.wait(waiting, num_returns=1)
+
+        def result(ref: Any = ready) -> Any:
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayTaskError as error:
+                raise (error.cause or error) from None
+
+        yield index[ready], result

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -259,15 +259,16 @@ class StudySpec:
             )
         if "ens" in transforms and seeds < 2:
             raise ValueError(f"the 'ens' transform needs seeds >= 2, got {seeds}")
-        task = TASKS[self.task](self.size, DATA_SEED)
+        # Only "ts" and a metric need the task itself (building some tasks imports MuJoCo).
+        task = TASKS[self.task](self.size, DATA_SEED) if "ts" in transforms or self.metric else None
         if "ts" in transforms and not isinstance(task, ClassifierTask):
             raise ValueError(
                 f"the 'ts' transform needs a task whose model outputs class logits "
                 f"({', '.join(n for n, f in TASKS.items() if _is_classifier(f))}); "
                 f"{self.task} has none"
             )
-        metric = None if self.metric in (None, task.primary_metric) else self.metric
-        if metric is not None and metric not in task.higher_is_better:
+        metric = None if task is None or self.metric == task.primary_metric else self.metric
+        if task is not None and metric is not None and metric not in task.higher_is_better:
             raise ValueError(
                 f"task {self.task} has no metric {metric!r}; it has "
                 f"{', '.join(task.higher_is_better)}"
@@ -874,12 +875,16 @@ def _run_kinds(transforms: Sequence[str]) -> tuple[str, ...]:
     return sources + (scaled if "ts" in transforms else ())
 
 
-def ensemble_of(task: Task, members: Sequence[nn.Module], scaled: bool) -> nn.Module:
+def ensemble_of(
+    members: Sequence[nn.Module], scale: Callable[[nn.Module], nn.Module] | None = None
+) -> nn.Module:
     """Members deployed as one model: the mean of their outputs (:class:`OutputEnsemble`), or
-    with ``scaled`` the post-hoc paper's TS per member → mean → TS (a classifier task's)."""
-    if not scaled:
+    with ``scale`` the post-hoc paper's TS per member → mean → TS, ``scale`` wrapping a model
+    in its temperature (``partial(calibrated, task)`` fits it; ``TemperatureScaled`` gives
+    the shape a saved state dict loads into)."""
+    if scale is None:
         return OutputEnsemble(members)
-    return calibrated(task, OutputEnsemble([calibrated(task, m) for m in members]))
+    return scale(OutputEnsemble([scale(member) for member in members]))
 
 
 def _ensemble_one(job: _EnsembleJob) -> None:
@@ -903,7 +908,8 @@ def _ensemble_one(job: _EnsembleJob) -> None:
         if not complete:
             metrics[f"{name}_val_{task.primary_metric}"] = math.nan
             continue
-        ensemble = ensemble_of(task, [rebuild(member, kind) for member in job.members], scaled)
+        members = [rebuild(member, kind) for member in job.members]
+        ensemble = ensemble_of(members, partial(calibrated, task) if scaled else None)
         for split in ("val", "test"):
             values = task.evaluate(ensemble, split, primary_only=split == "val")
             metrics |= {f"{name}_{split}_{metric}": value for metric, value in values.items()}
