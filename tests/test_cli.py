@@ -225,3 +225,15 @@ def test_posthoc_command_is_wired_and_validates_its_dataset(capsys) -> None:
         cli.main(["posthoc", "cifar10"])
     assert exit_info.value.code == 2
     assert "digits" in capsys.readouterr().err
+
+
+def test_an_unreachable_ray_address_fails_at_once_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    argv = ["study", "lorenz", "--executor", "ray", "--address", "127.0.0.1:1", "--out", str(out)]
+    assert cli.main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("beyondloss study: cannot reach the Ray cluster: nothing answers")
+    assert error.count("\n") == 1 and not out.exists()

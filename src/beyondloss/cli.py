@@ -178,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --executor ray: the Ray cluster to join (auto, host:port); default: start "
         "a local Ray instance with --workers CPUs",
     )
+    ttf.add_argument(
+        "--storage",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder for the run folders (checkpoints), seen by every worker: on a Ray "
+        "cluster, a shared file system; the store and reports stay in --out "
+        "(default: under --out)",
+    )
     ttf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_posthoc_command(commands)
     _add_export_command(commands)
@@ -414,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     study["workers"] = args.workers
     if args.executor != "local" or args.address is not None:
         study |= {"executor": args.executor, "address": args.address}
+    if args.storage is not None:
+        study["storage"] = args.storage
     command = shlex.join(["beyondloss", *arguments])
     progress = not args.no_progress
     if args.tasks is not None and args.task != ALL_TASKS:
@@ -440,6 +451,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if spec.executor == "ray" and importlib.util.find_spec("ray") is None:
         args.error("--executor ray needs Ray: pip install 'beyondloss[ray]'")
     try:
+        if spec.address is not None:
+            from beyondloss.study.ray_executor import check_reachable
+
+            check_reachable(spec.address)  # before anything is written
         result = run_study(spec, progress=progress, command=command)
     except ConnectionError as error:
         print(f"beyondloss study: cannot reach the Ray cluster: {error}", file=sys.stderr)

@@ -14,9 +14,12 @@ Schema
     folder when the file lies under it, so a study folder can be moved as a whole; ``sha256``
     lets a reader check that the file is the one the run's metrics came from.
 
-The database runs in WAL mode with a busy timeout, so several processes (one
+The database runs in WAL mode with a busy timeout, so several processes on one machine (one
 :class:`ResultsStore` each) may read and write the same file at once. A store object owns one
-connection; do not share it across threads or forked processes, open a new one there.
+connection; do not share it across threads or forked processes, open a new one there. SQLite
+is not safe on network file systems: a study therefore writes its store from one process (the
+driver, on one machine) and its workers, wherever they run, return a :class:`RunRecord` that the
+driver writes with :meth:`ResultsStore.record`.
 """
 
 from __future__ import annotations
@@ -136,32 +139,51 @@ class ResultsStore:
         unchanged), so a resumed job can call this unconditionally. ``config`` must be
         JSON-serialisable. Raises ``ValueError`` if ``run_id`` exists with different fields.
         """
-        fields = {
-            "task": task,
-            "optimizer": optimizer,
-            "lr": float(lr),
-            "weight_decay": float(weight_decay),
-            "seed": int(seed),
-            "config": json.dumps(dict(config or {}), sort_keys=True),
-        }
+        fields = _run_fields(task, optimizer, lr, weight_decay, seed, config)
         with self._write():
-            row = self._conn.execute(
-                "SELECT task, optimizer, lr, weight_decay, seed, config FROM runs WHERE run_id = ?",
-                (run_id,),
-            ).fetchone()
-            if row is not None:
-                if dict(row) != fields:
-                    raise ValueError(
-                        f"run {run_id!r} already exists with different fields: "
-                        f"stored {dict(row)}, given {fields}"
-                    )
-                return False
-            self._conn.execute(
-                "INSERT INTO runs (run_id, task, optimizer, lr, weight_decay, seed, config,"
-                " status, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
-                (run_id, *fields.values(), datetime.now(UTC).isoformat()),
-            )
+            return self._insert_run(run_id, fields)
+
+    def _insert_run(self, run_id: str, fields: Mapping[str, Any]) -> bool:
+        """:meth:`add_run` inside the caller's write transaction."""
+        row = self._conn.execute(
+            "SELECT task, optimizer, lr, weight_decay, seed, config FROM runs WHERE run_id = ?",
+            (run_id,),
+        ).fetchone()
+        if row is not None:
+            if dict(row) != fields:
+                raise ValueError(
+                    f"run {run_id!r} already exists with different fields: "
+                    f"stored {dict(row)}, given {dict(fields)}"
+                )
+            return False
+        self._conn.execute(
+            "INSERT INTO runs (run_id, task, optimizer, lr, weight_decay, seed, config,"
+            " status, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+            (run_id, *fields.values(), datetime.now(UTC).isoformat()),
+        )
         return True
+
+    def record(self, run: RunRecord) -> None:
+        """Write a finished run in one transaction: its registration (as :meth:`add_run`), the
+        metrics of each of its epochs (replacing any rows the run had), its artifacts, and
+        status ``'complete'``. A process killed during the call leaves the run as it was.
+
+        This is how a study's driver, the store's one writer, stores what its workers return:
+        recording the same run twice leaves the same rows (but the first ``created``).
+        """
+        fields = _run_fields(
+            run.task, run.optimizer, run.lr, run.weight_decay, run.seed, run.config
+        )
+        with self._write():
+            self._insert_run(run.run_id, fields)
+            self._conn.execute("DELETE FROM metrics WHERE run_id = ?", (run.run_id,))
+            for epoch, metrics in run.epochs:
+                self._insert_metrics(run.run_id, epoch, metrics)
+            for artifact in run.artifacts:
+                self._insert_artifact(run.run_id, artifact)
+            self._conn.execute(
+                "UPDATE runs SET status = 'complete' WHERE run_id = ?", (run.run_id,)
+            )
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         """Write ``metrics`` of ``epoch`` (1-based) in one transaction, replacing earlier values.
@@ -173,10 +195,13 @@ class ResultsStore:
             raise ValueError("'epoch' is a reserved metric name; pass it as the epoch argument")
         with self._write():
             self._require_run(run_id)
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO metrics (run_id, epoch, name, value) VALUES (?, ?, ?, ?)",
-                [(run_id, int(epoch), name, float(value)) for name, value in metrics.items()],
-            )
+            self._insert_metrics(run_id, epoch, metrics)
+
+    def _insert_metrics(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO metrics (run_id, epoch, name, value) VALUES (?, ?, ?, ?)",
+            [(run_id, int(epoch), name, float(value)) for name, value in metrics.items()],
+        )
 
     def mark_complete(self, run_id: str) -> None:
         """Set the run's status to ``'complete'``. Raises ``KeyError`` for an unknown run."""
@@ -195,21 +220,21 @@ class ResultsStore:
         """Register (or replace) the file ``path`` as artifact ``name`` of ``run_id``, written
         at ``epoch``; ``contents`` names what it holds. Its size and SHA-256 are recorded now.
         Raises ``KeyError`` for an unknown run, ``FileNotFoundError`` for a missing file."""
-        artifact = Artifact(
-            name, Path(path).resolve(), int(epoch), os.path.getsize(path), sha256(path),
-            tuple(contents),
-        )
+        artifact = Artifact.of(name, path, epoch, contents)
         with self._write():
             self._require_run(run_id)
-            self._conn.execute(
-                "INSERT OR REPLACE INTO artifacts (run_id, name, path, epoch, bytes, sha256,"
-                " contents) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run_id, name, self._relative(artifact.path), artifact.epoch,
-                    artifact.bytes, artifact.sha256, json.dumps(list(artifact.contents)),
-                ),
-            )
+            self._insert_artifact(run_id, artifact)
         return artifact
+
+    def _insert_artifact(self, run_id: str, artifact: Artifact) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO artifacts (run_id, name, path, epoch, bytes, sha256,"
+            " contents) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id, artifact.name, self._relative(artifact.path), artifact.epoch,
+                artifact.bytes, artifact.sha256, json.dumps(list(artifact.contents)),
+            ),
+        )
 
     def artifacts(self, run_id: str) -> dict[str, Artifact]:
         """The registered artifacts of ``run_id`` by name (empty if none or an unknown run),
@@ -339,6 +364,17 @@ class Artifact:
     sha256: str
     contents: tuple[str, ...]
 
+    @classmethod
+    def of(
+        cls, name: str, path: str | os.PathLike[str], epoch: int, contents: Sequence[str] = ()
+    ) -> Artifact:
+        """The artifact ``name`` for the file at ``path`` as it is now (its size and SHA-256).
+        Raises ``FileNotFoundError`` for a missing file."""
+        return cls(
+            name, Path(path).resolve(), int(epoch), os.path.getsize(path), sha256(path),
+            tuple(contents),
+        )
+
     def verify(self) -> None:
         """Raise ``FileNotFoundError`` if the file is gone, ``ValueError`` if its content is
         not the registered one (another run wrote over it, or it was edited)."""
@@ -349,6 +385,42 @@ class Artifact:
                 f"artifact {self.name} at {self.path} changed since it was registered "
                 "(SHA-256 differs)"
             )
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished run as a worker hands it to the process that writes the store
+    (:meth:`ResultsStore.record`): the fields of :meth:`ResultsStore.add_run`, each epoch's
+    metrics as ``(epoch, {name: value})``, and the run's artifacts."""
+
+    run_id: str
+    task: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    seed: int
+    config: Mapping[str, Any]
+    epochs: tuple[tuple[int, Mapping[str, float]], ...]
+    artifacts: tuple[Artifact, ...] = ()
+
+
+def _run_fields(
+    task: str,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    config: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """A run's columns as the ``runs`` table holds them."""
+    return {
+        "task": task,
+        "optimizer": optimizer,
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "seed": int(seed),
+        "config": json.dumps(dict(config or {}), sort_keys=True),
+    }
 
 
 def sha256(path: str | os.PathLike[str]) -> str:

@@ -150,15 +150,20 @@ def train(
 
     if store is not None and run_id is not None:
         if checkpoint is not None and history:
-            contents = ["model", "optimizer", "rng", "history"]
-            contents += [
-                f"evaluator:{getattr(evaluator, 'name', type(evaluator).__name__)}"
-                for evaluator in evaluators
-                if hasattr(evaluator, "state_dict")
-            ]
+            contents = checkpoint_contents(evaluators)
             store.add_artifact(run_id, "checkpoint", checkpoint, len(history), contents)
         store.mark_complete(run_id)
     return history
+
+
+def checkpoint_contents(evaluators: Sequence[Evaluator] = ()) -> list[str]:
+    """What a checkpoint of :func:`train` holds, as its artifact records it: ``model``,
+    ``optimizer``, ``rng``, ``history`` and ``evaluator:<name>`` per checkpointable evaluator."""
+    return ["model", "optimizer", "rng", "history"] + [
+        f"evaluator:{getattr(evaluator, 'name', type(evaluator).__name__)}"
+        for evaluator in evaluators
+        if hasattr(evaluator, "state_dict")
+    ]
 
 
 def loss_evaluator(

@@ -9,7 +9,10 @@ with ``workers=0``. A distributed backend is one more class with the same :meth:
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import signal
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from types import TracebackType
@@ -32,8 +35,10 @@ class Executor(Protocol):
         desc: str,
         progress: bool = True,
         total: int | None = None,
+        on_result: OnResult | None = None,
     ) -> list[Any]:
-        """Results of ``fn(*args)`` for each call, in order."""
+        """Results of ``fn(*args)`` for each call, in order; ``on_result(index, result)`` is
+        called in this process as each call finishes."""
         ...
 
 
@@ -76,10 +81,11 @@ class LocalExecutor:
         desc: str,
         progress: bool = True,
         total: int | None = None,
+        on_result: OnResult | None = None,
     ) -> list[Any]:
         """Results of ``fn(*args)`` for each call, in order, under a bar over ``total`` items of
-        which ``len(calls)`` are still to do. A failure is raised as ``RuntimeError`` naming the
-        call by ``names``."""
+        which ``len(calls)`` are still to do; ``on_result(index, result)`` as each finishes. A
+        failure is raised as ``RuntimeError`` naming the call by ``names``."""
         if self._pool is None:
             done: Iterable[tuple[int, Getter]] = (
                 (i, _now(call).result) for i, call in enumerate(calls)
@@ -87,11 +93,14 @@ class LocalExecutor:
         else:
             futures = {self._pool.submit(*call): i for i, call in enumerate(calls)}
             done = ((futures[future], future.result) for future in as_completed(futures))
-        return collect(done, len(calls), names, desc, progress, total)
+        return collect(done, len(calls), names, desc, progress, total, on_result)
 
 
 Getter = Callable[[], Any]
 """A finished call's result: returns it, or raises the call's exception."""
+
+OnResult = Callable[[int, Any], None]
+"""Called with ``(index, result)`` in the calling process as each call finishes."""
 
 
 def collect(
@@ -101,11 +110,12 @@ def collect(
     desc: str,
     progress: bool = True,
     total: int | None = None,
+    on_result: OnResult | None = None,
 ) -> list[Any]:
     """The results of ``count`` calls, in call order, from ``done`` (``(index, getter)`` pairs
-    as the calls finish), under a bar over ``total`` items of which ``count`` are still to do;
-    the first failure is raised as ``RuntimeError`` naming the call by ``names``. Every
-    executor's :meth:`run` ends here."""
+    as the calls finish), each handed to ``on_result`` as it arrives, under a bar over
+    ``total`` items of which ``count`` are still to do; the first failure is raised as
+    ``RuntimeError`` naming the call by ``names``. Every executor's :meth:`run` ends here."""
     total = count if total is None else total
     results: list[Any] = [None] * count
     with tqdm(total=total, initial=total - count, desc=desc, disable=not progress) as bar:
@@ -114,6 +124,8 @@ def collect(
                 results[i] = result()
             except Exception as error:
                 raise RuntimeError(f"{desc} {names[i]} failed: {error}") from error
+            if on_result is not None:
+                on_result(i, results[i])
             bar.update()
     return results
 
@@ -129,5 +141,13 @@ def _now(call: Call) -> Future:
 
 
 def _init_worker() -> None:
-    """One torch thread per worker: runs stay bitwise reproducible and workers don't contend."""
+    """One torch thread per worker: runs stay bitwise reproducible and workers don't contend.
+    On Linux a worker also dies with the study that started it, so that a killed study leaves
+    no orphan writing over the checkpoints of the runs its restart resumes."""
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+"""``prctl`` option (linux/prctl.h): the signal this process gets when its parent dies."""

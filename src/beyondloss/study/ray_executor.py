@@ -16,11 +16,12 @@ running.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from beyondloss.study.executor import Call, Getter, collect
+from beyondloss.study.executor import Call, Getter, OnResult, collect
 
 
 def _import_ray() -> Any:
@@ -37,6 +38,19 @@ def _call_with_threads(threads: int, call: Call) -> Any:
 
     torch.set_num_threads(threads)
     return call[0](*call[1:])
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise ``ConnectionError`` at once if nothing listens at ``address`` (``host:port`` or
+    ``ray://host:port``; ``"auto"`` is left to Ray), where Ray itself would retry for
+    minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ConnectionError(f"nothing answers at {address}: {error}") from None
 
 
 class RayExecutor:
@@ -84,6 +98,8 @@ class RayExecutor:
             options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if self.address is None:
                 options["num_cpus"] = self.num_cpus
+            else:
+                check_reachable(self.address)
             ray.init(address=self.address, **options)
             self._started = True
         self._ray = ray
@@ -107,10 +123,12 @@ class RayExecutor:
         desc: str,
         progress: bool = True,
         total: int | None = None,
+        on_result: OnResult | None = None,
     ) -> list[Any]:
         """Results of ``fn(*args)`` for each call, in order, under a bar over ``total`` items of
-        which ``len(calls)`` are still to do. A failure is raised as ``RuntimeError`` naming the
-        call by ``names``; the other tasks are cancelled."""
+        which ``len(calls)`` are still to do; ``on_result(index, result)`` in this process as
+        each finishes. A failure is raised as ``RuntimeError`` naming the call by ``names``;
+        the other tasks are cancelled."""
         if self._ray is None:
             raise RuntimeError("use RayExecutor as a context manager: with RayExecutor() as ex")
         ray = self._ray
@@ -122,7 +140,9 @@ class RayExecutor:
         )(_call_with_threads)
         refs = [task.remote(self.cpus_per_run, call) for call in calls]
         try:
-            return collect(_finished(ray, refs), len(calls), names, desc, progress, total)
+            return collect(
+                _finished(ray, refs), len(calls), names, desc, progress, total, on_result
+            )
         except RuntimeError:
             for ref in refs:  # cancelling a finished task does nothing
                 ray.cancel(ref, force=True)

@@ -60,7 +60,7 @@ from beyondloss.selection.configs import (
     select_lr,
     summarize,
 )
-from beyondloss.store import ResultsStore
+from beyondloss.store import Artifact, ResultsStore, RunRecord
 from beyondloss.study.executor import Executor, LocalExecutor
 from beyondloss.study.html import write_report
 from beyondloss.study.report import (
@@ -82,7 +82,14 @@ from beyondloss.study.report import (
     write_gains_csv,
 )
 from beyondloss.tasks import SIZES, TASKS, ClassifierTask, Task, TaskFactory, selecting, suite
-from beyondloss.train import CHECKPOINT_NAME, Evaluator, TrainConfig, loss_evaluator, train
+from beyondloss.train import (
+    CHECKPOINT_NAME,
+    Evaluator,
+    TrainConfig,
+    checkpoint_contents,
+    loss_evaluator,
+    train,
+)
 
 EXECUTORS = ("local", "ray")
 """Where a study's runs can execute (:attr:`StudySpec.executor`)."""
@@ -202,6 +209,11 @@ class StudySpec:
     address:
         With ``executor="ray"``, the cluster to join (``"auto"``, ``"host:port"``); ``None``
         starts a local Ray instance with ``workers`` CPUs.
+    storage:
+        Folder for the run folders (checkpoints, evaluator states), which every worker must
+        see: on a cluster, a shared file system. ``None`` keeps them under ``out``. The store
+        and the reports stay in ``out``, on the machine of the process running the study, its
+        one writer; registered checkpoints outside ``out`` are recorded by absolute path.
     """
 
     task: str
@@ -219,6 +231,7 @@ class StudySpec:
     out: Path = field(default=Path("runs"))
     executor: str = "local"
     address: str | None = None
+    storage: Path | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -291,6 +304,8 @@ class StudySpec:
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
         object.__setattr__(self, "dopr", dopr)
         object.__setattr__(self, "out", Path(self.out))
+        if self.storage is not None:
+            object.__setattr__(self, "storage", Path(self.storage))
 
     @property
     def grid_lrs(self) -> tuple[float, ...]:
@@ -732,7 +747,7 @@ def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
         weight_decay=spec.weight_decay,
         dopr=dict(spec.dopr) if _is_dopr(optimizer) else {},
         seed=seed,
-        run_dir=spec.out / spec.study_of(optimizer) / "runs" / run_id,
+        run_dir=(spec.storage or spec.out) / spec.study_of(optimizer) / "runs" / run_id,
         db=spec.out / STORE_NAME,
         study=spec.study_of(optimizer),
         transforms=spec.run_transforms,
@@ -758,12 +773,15 @@ def _train_grid(spec: StudySpec, progress: bool) -> tuple[tuple[str, ...], tuple
     with _executor(spec, len(pending) + len(ensembles)) as executor:
         done = train_runs(executor, jobs, pending, spec.name, progress)
         if ensembles:
-            executor.run(
-                [(_ensemble_one, job) for job in ensembles],
-                [f"ensemble {job.run_id}" for job in ensembles],
-                f"{spec.name} ensembles",
-                progress,
-            )
+            with ResultsStore(spec.out / STORE_NAME) as store:
+                calls = [(_ensemble_one, job, _checkpoints(store, job)) for job in ensembles]
+                executor.run(
+                    calls,
+                    [f"ensemble {job.run_id}" for job in ensembles],
+                    f"{spec.name} ensembles",
+                    progress,
+                    on_result=lambda _, record: store.record(record),
+                )
     return done
 
 
@@ -793,14 +811,20 @@ def train_runs(
     progress: bool,
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Train ``pending`` (a subset of ``jobs``, see :func:`pending_runs`) in ``executor``
-    under a bar over all ``jobs``; the run ids trained and those skipped as complete."""
-    executor.run(
-        [(_run_one, job) for job in pending],
-        [f"run {job.run_id}" for job in pending],
-        label,
-        progress,
-        total=len(jobs),
-    )
+    under a bar over all ``jobs``; the run ids trained and those skipped as complete. This
+    process writes each run to the store as its worker returns it (:func:`_run_one`), in one
+    transaction: the store has one writer, and a study killed at any point loses only the runs
+    in flight, which resume from their checkpoints when it is restarted."""
+    if pending:
+        with ResultsStore(pending[0].db) as store:
+            executor.run(
+                [(_run_one, job) for job in pending],
+                [f"run {job.run_id}" for job in pending],
+                label,
+                progress,
+                total=len(jobs),
+                on_result=lambda _, record: store.record(record),
+            )
     skipped = tuple(job.run_id for job in jobs if job not in pending)
     return tuple(job.run_id for job in pending), skipped
 
@@ -829,11 +853,12 @@ def _evaluators(task: Task, job: RunJob) -> list[Evaluator]:
     return evaluators + _transform_evaluators(task, job)
 
 
-def rebuild(job: RunJob, kind: str = "base") -> nn.Module:
+def rebuild(job: RunJob, kind: str = "base", checkpoint: Path | None = None) -> nn.Module:
     """The final model of ``job``'s run from its checkpoint: ``"base"``, the weight average
     ``kind`` (``"swa"`` or ``"ema"``, one of ``job.transforms``) as it was when the run
     evaluated it last, or either scaled by its fitted temperature (``"ts"``, ``"swa_ts"``; the
-    fit is deterministic, so the temperature is the one the run found).
+    fit is deterministic, so the temperature is the one the run found). ``checkpoint`` is the
+    file to load; ``None`` looks it up in the store (:func:`checkpoint_of`).
 
     Raises ``FileNotFoundError`` without a checkpoint and ``ValueError`` for an unknown kind.
     """
@@ -842,8 +867,9 @@ def rebuild(job: RunJob, kind: str = "base") -> nn.Module:
     if kind not in kinds:
         raise ValueError(f"run {job.run_id} has no {kind!r}; it has {', '.join(kinds)}")
     if kind == "ts" or kind.endswith("_ts"):
-        return calibrated(task, rebuild(job, kind.removesuffix("ts").removesuffix("_") or "base"))
-    payload = torch.load(checkpoint_of(job), weights_only=False)
+        source = kind.removesuffix("ts").removesuffix("_") or "base"
+        return calibrated(task, rebuild(job, source, checkpoint))
+    payload = torch.load(checkpoint or checkpoint_of(job), weights_only=False)
     model = task.make_model()
     model.load_state_dict(payload["model"])
     if kind == "base":
@@ -860,11 +886,21 @@ def checkpoint_of(job: RunJob) -> Path:
     SHA-256 (``ValueError`` if the file changed since); a run without a registered checkpoint
     (it diverged) has the one in its run folder."""
     with ResultsStore(job.db) as store:
-        artifact = store.artifacts(job.run_id).get("checkpoint")
+        return _checkpoint(store, job)
+
+
+def _checkpoint(store: ResultsStore, job: RunJob) -> Path:
+    """:func:`checkpoint_of` with an open store."""
+    artifact = store.artifacts(job.run_id).get("checkpoint")
     if artifact is None:
         return job.run_dir / CHECKPOINT_NAME
     artifact.verify()
     return artifact.path
+
+
+def _checkpoints(store: ResultsStore, job: _EnsembleJob) -> tuple[Path, ...]:
+    """The checkpoints of ``job``'s members, checked here so that the workers need no store."""
+    return tuple(_checkpoint(store, member) for member in job.members)
 
 
 def _run_kinds(transforms: Sequence[str]) -> tuple[str, ...]:
@@ -887,17 +923,16 @@ def ensemble_of(
     return scale(OutputEnsemble([scale(member) for member in members]))
 
 
-def _ensemble_one(job: _EnsembleJob) -> None:
-    """Deploy the members of ``job`` as one ensemble per kind (base and each weight average,
-    each plain and, with ``"ts"``, scaled: :func:`ensemble_of`) at the final epoch; store its
-    val and test metrics as the ensemble's run. A member that did not reach the final epoch
-    (it diverged) makes the ensemble's metrics NaN.
+def _ensemble_one(job: _EnsembleJob, checkpoints: Sequence[Path]) -> RunRecord:
+    """Deploy the members of ``job`` (from ``checkpoints``, one per member) as one ensemble per
+    kind (base and each weight average, each plain and, with ``"ts"``, scaled:
+    :func:`ensemble_of`) at the final epoch; their val and test metrics, as the ensemble's run.
+    A member that did not reach the final epoch (it diverged) makes the metrics NaN.
     """
     first = job.members[0]
     task = first.factory(first.size, first.data_seed)
     complete = all(
-        torch.load(checkpoint_of(m), weights_only=False)["epoch"] == task.epochs
-        for m in job.members
+        torch.load(path, weights_only=False)["epoch"] == task.epochs for path in checkpoints
     )
     metrics: dict[str, float] = {}
     sources = ("base", *(name for name in first.transforms if name in WEIGHT_TRANSFORMS))
@@ -908,23 +943,26 @@ def _ensemble_one(job: _EnsembleJob) -> None:
         if not complete:
             metrics[f"{name}_val_{task.primary_metric}"] = math.nan
             continue
-        members = [rebuild(member, kind) for member in job.members]
+        members = [rebuild(m, kind, path) for m, path in zip(job.members, checkpoints, strict=True)]
         ensemble = ensemble_of(members, partial(calibrated, task) if scaled else None)
         for split in ("val", "test"):
             values = task.evaluate(ensemble, split, primary_only=split == "val")
             metrics |= {f"{name}_{split}_{metric}": value for metric, value in values.items()}
-    with ResultsStore(first.db) as store:
-        config = {"study": first.study, "members": [m.run_id for m in job.members]}
-        _register(store, first, job.run_id, -1, config)
-        store.log_epoch(job.run_id, task.epochs, metrics)
-        store.mark_complete(job.run_id)
+    config = {"study": first.study, "members": [m.run_id for m in job.members]}
+    return _record(first, job.run_id, -1, config, [(task.epochs, metrics)])
 
 
-def _register(
-    store: ResultsStore, job: RunJob, run_id: str, seed: int, config: Mapping[str, Any]
-) -> None:
-    """Add ``run_id`` to the store with ``job``'s task, optimizer, lr and weight decay."""
-    store.add_run(
+def _record(
+    job: RunJob,
+    run_id: str,
+    seed: int,
+    config: Mapping[str, Any],
+    epochs: Sequence[tuple[int, Mapping[str, float]]],
+    artifacts: Sequence[Artifact] = (),
+) -> RunRecord:
+    """Run ``run_id`` with ``job``'s task, optimizer, lr and weight decay, as the store
+    records it."""
+    return RunRecord(
         run_id,
         task=job.task,
         optimizer=job.optimizer,
@@ -932,6 +970,8 @@ def _register(
         weight_decay=job.weight_decay,
         seed=seed,
         config=config,
+        epochs=tuple(epochs),
+        artifacts=tuple(artifacts),
     )
 
 
@@ -949,8 +989,9 @@ def with_ensembles(
     return summaries
 
 
-def _run_one(job: RunJob) -> None:
-    """Train one run (in a worker process): register it, train with evaluators, mark complete."""
+def _run_one(job: RunJob) -> RunRecord:
+    """Train one run (in a worker process) from its checkpoint, if it has one, to its last
+    epoch; its record for the store. The worker writes only files under ``job.run_dir``."""
     task = job.factory(job.size, job.data_seed)
     splits = task.splits()
     config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, seed=job.seed)
@@ -962,39 +1003,46 @@ def _run_one(job: RunJob) -> None:
     evaluators = _evaluators(task, job)
     if optimizer.preconditioner is not None:
         evaluators.append(_ap_spectra(optimizer.preconditioner))
-    with ResultsStore(job.db) as store:
-        record = {
-            "study": job.study,
-            "size": job.size,
-            "data_seed": job.data_seed,
-            "task_class": task.name,
-            "epochs": task.epochs,
-            "batch_size": task.batch_size,
-        }
-        record |= {"dopr": job.dopr} if job.dopr else {}
-        if job.transforms:
-            record |= {"transforms": list(job.transforms), "transform_every": job.transform_every}
-        record |= {"eval_every": job.eval_every} if job.eval_every != 1 else {}
-        _register(store, job, job.run_id, job.seed, record)
-        try:
-            train(
-                model,
-                optimizer,
-                splits.train,
-                task.loss,
-                config,
-                evaluators,
-                run_dir=job.run_dir,
-                store=store,
-                run_id=job.run_id,
-                progress=False,
-            )
-        except FloatingPointError:
-            # The optimizer met non-finite activations: the run diverged. Its last row holds
-            # NaN metrics (ranked last by the selection) and a `diverged` flag.
-            epoch = len(store.curves(job.run_id)["epoch"]) + 1
-            store.log_epoch(job.run_id, epoch, {"val_loss": math.nan, "diverged": 1.0})
-            store.mark_complete(job.run_id)
+    record = {
+        "study": job.study,
+        "size": job.size,
+        "data_seed": job.data_seed,
+        "task_class": task.name,
+        "epochs": task.epochs,
+        "batch_size": task.batch_size,
+    }
+    record |= {"dopr": job.dopr} if job.dopr else {}
+    if job.transforms:
+        record |= {"transforms": list(job.transforms), "transform_every": job.transform_every}
+    record |= {"eval_every": job.eval_every} if job.eval_every != 1 else {}
+    checkpoint = job.run_dir / CHECKPOINT_NAME
+    try:
+        history = train(
+            model,
+            optimizer,
+            splits.train,
+            task.loss,
+            config,
+            evaluators,
+            run_dir=job.run_dir,
+            progress=False,
+        )
+    except FloatingPointError:
+        # The optimizer met non-finite activations: the run diverged. Its last row holds NaN
+        # metrics (ranked last by the selection) and a `diverged` flag.
+        done = torch.load(checkpoint, weights_only=False)["history"] if checkpoint.exists() else []
+        failed = (len(done) + 1, {"val_loss": math.nan, "diverged": 1.0})
+        return _record(job, job.run_id, job.seed, record, [*_epochs(done), failed])
+    saved = Artifact.of("checkpoint", checkpoint, len(history), checkpoint_contents(evaluators))
+    return _record(job, job.run_id, job.seed, record, _epochs(history), [saved])
+
+
+def _epochs(history: Sequence[Mapping[str, float]]) -> list[tuple[int, dict[str, float]]]:
+    """A :func:`train` history as the store's ``(epoch, metrics)`` rows."""
+    return [
+        (int(entry["epoch"]), {name: v for name, v in entry.items() if name != "epoch"})
+        for entry in history
+    ]
 
 
 def swa_start(epochs: int) -> int:
