@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from beyondloss.store import ResultsStore
+from beyondloss.store import Artifact, ResultsStore, RunRecord
 
 
 def _add(store: ResultsStore, run_id: str, **overrides: object) -> bool:
@@ -230,3 +231,26 @@ def test_artifacts_are_registered_relative_to_the_store_and_verified(tmp_path: P
     artifact.path.unlink()
     with pytest.raises(FileNotFoundError, match="artifact checkpoint is missing"):
         artifact.verify()
+
+
+def test_record_writes_a_finished_run_whole_and_again_the_same(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"weights")
+    run = RunRecord(
+        "r", task="t", optimizer="adamw", lr=1e-3, weight_decay=0.0, seed=0, config={"a": 1},
+        epochs=((1, {"val_loss": 2.0}), (2, {"val_loss": 1.0})),
+        artifacts=(Artifact.of("checkpoint", checkpoint, 2, ["model"]),),
+    )
+    with ResultsStore(tmp_path / "s.db") as store:
+        store.add_run("r", task="t", optimizer="adamw", lr=1e-3, weight_decay=0.0, seed=0,
+                      config={"a": 1})
+        store.log_epoch("r", 3, {"val_loss": 9.0})  # a stale row of an earlier attempt
+        store.record(run)
+        first = (store.curves("r"), store.artifacts("r"), store.is_complete("r"))
+        store.record(run)
+        assert (store.curves("r"), store.artifacts("r"), store.is_complete("r")) == first
+        assert first[0] == {"epoch": [1, 2], "val_loss": [2.0, 1.0]} and first[2]
+        assert first[1]["checkpoint"].path == checkpoint.resolve()
+        with pytest.raises(ValueError, match="already exists with different fields"):
+            store.record(replace(run, seed=1))
+        assert store.curves("r") == first[0]  # the failed record changed nothing
