@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,14 @@ def square(x: int) -> int:
 
 def fail(x: int) -> int:
     raise ValueError(f"bad {x}")
+
+
+def busy(seconds: float) -> float:
+    """Busy for ``seconds`` in short sleeps (a cancel interrupts Python code between them)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.01)
+    return seconds
 
 
 def tiny_lorenz(size: str, data_seed: int) -> Lorenz63Task:
@@ -73,6 +82,17 @@ def test_results_come_back_in_call_order_and_failures_are_named(cluster: RayExec
     ]
     with pytest.raises(RuntimeError, match="squares three failed: .*bad 3"):
         cluster.run([(square, 1), (fail, 3)], ["one", "three"], "squares", progress=False)
+    # A failure cancels the unfinished calls (here one busy for a minute, which would otherwise
+    # hold one of the two CPUs), and many failures in a row leave the driver alive: Ray 2.60
+    # aborted the driver now and then when a call finishing was force-cancelled.
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="busy three failed"):
+        cluster.run([(busy, 60.0), (fail, 3)], ["one", "three"], "busy", progress=False)
+    for _ in range(30):
+        with pytest.raises(RuntimeError, match="squares three failed"):
+            cluster.run([(square, 1), (fail, 3)], ["one", "three"], "squares", progress=False)
+    assert cluster.run([(busy, 0.1), (busy, 0.1)], ["a", "b"], "busy", progress=False) == [0.1] * 2
+    assert time.monotonic() - began < 30
     with pytest.raises(ValueError, match="cpus_per_run must be >= 1"):
         RayExecutor(cpus_per_run=0)
     with pytest.raises(ValueError, match="unknown executor 'dask'"):

@@ -144,9 +144,20 @@ class RayExecutor:
                 _finished(ray, refs), len(calls), names, desc, progress, total, on_result
             )
         except RuntimeError:
-            for ref in refs:  # cancelling a finished task does nothing
-                ray.cancel(ref, force=True)
+            _cancel_unfinished(ray, refs)
             raise
+
+
+def _cancel_unfinished(ray: Any, refs: Sequence[Any]) -> None:
+    """Cancel the tasks of ``refs`` that have not finished.
+
+    Not with ``force=True``: Ray 2.60 marks a force-cancelled task failed at once, and when the
+    task's own reply is already on its way the driver aborts on a failed internal check ("Tried
+    to complete task that was not pending"), killing the study. A plain cancel interrupts the
+    task's Python code with ``KeyboardInterrupt`` and waits for the worker's reply."""
+    _, unfinished = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+    for ref in unfinished:
+        ray.cancel(ref)
 
 
 def _finished(ray: Any, refs: Sequence[Any]) -> Iterator[tuple[int, Getter]]:
