@@ -187,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster, a shared file system; the store and reports stay in --out "
         "(default: under --out)",
     )
+    ttf.add_argument(
+        "--ddp",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="processes per run: N > 1 trains each run data-parallel on N ranks (gloo on "
+        "CPU), restarted from its checkpoint if a rank dies (default: %(default)s)",
+    )
     ttf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_posthoc_command(commands)
     _add_export_command(commands)
@@ -425,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         study |= {"executor": args.executor, "address": args.address}
     if args.storage is not None:
         study["storage"] = args.storage
+    if args.ddp != 1:
+        study["ddp"] = args.ddp
     command = shlex.join(["beyondloss", *arguments])
     progress = not args.no_progress
     if args.tasks is not None and args.task != ALL_TASKS:

@@ -9,6 +9,20 @@ any store rows it had already written.
 On CPU a resumed run is bitwise identical to an uninterrupted one: the checkpoint holds the
 model, the optimizer and every global RNG state (torch, CUDA, numpy, ``random``) as they were
 at the end of the epoch, and the shuffling order never depends on RNG history.
+
+**Data parallel.** Called on every rank of a ``torch.distributed`` process group of world size
+``W > 1``, the loop trains one run on ``W`` processes: each global batch of
+``config.batch_size`` samples (the same batches, in the same order, as one process draws) is
+split into ``W`` contiguous shards, one per rank, and the model runs wrapped in
+:class:`~torch.nn.parallel.DistributedDataParallel`. Rank ``r``'s loss is scaled by
+``W n_r / n`` (``n_r`` of the batch's ``n`` samples are its own), so that DDP's mean over ranks
+is the gradient of the batch's mean loss, uneven shards included: the run computes what one
+process computes on the concatenated batch, up to the order of floating-point sums. DoPr pools
+its activation statistics over the ranks itself. Rank 0 alone evaluates, writes store rows and
+the checkpoint, and hands each epoch's metrics to the other ranks, so every rank returns the
+same history. Each rank's RNG is seeded by ``(config.seed, rank)`` (rank 0 by ``config.seed``)
+and the checkpoint holds every rank's RNG state, so a run resumed on the same number of ranks
+continues exactly.
 """
 
 from __future__ import annotations
@@ -17,14 +31,16 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm import tqdm
 
@@ -112,48 +128,67 @@ def train(
         raise ValueError("store and run_id must be given together")
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
+    rank, world = _rank_and_world()
+    if world > 1:
+        _check_shardable(len(train_data), config.batch_size, world)
     history: list[dict[str, float]] = []
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if checkpoint is not None and checkpoint.exists():
         history = _resume(checkpoint, model, optimizer, config, evaluators)
     else:
-        _seed_everything(config.seed)
+        _seed_everything(_rank_seed(config.seed, rank))
     start = len(history)
+    net = _data_parallel(model) if world > 1 else model
+    writes = rank == 0
 
     bar = tqdm(
         range(start + 1, config.epochs + 1),
         initial=start,
         total=config.epochs,
         unit="epoch",
-        disable=not (progress and sys.stderr.isatty()),
+        disable=not (progress and writes and sys.stderr.isatty()),
     )
     for epoch in bar:
         began = time.perf_counter()
-        train_loss = _train_epoch(model, optimizer, train_data, loss_fn, config, epoch)
+        train_loss = _train_epoch(net, optimizer, train_data, loss_fn, config, epoch)
         record = {"epoch": float(epoch), "train_loss": train_loss}
         model.eval()
-        for evaluator in evaluators:
-            with torch.no_grad():
-                metrics = evaluator(model, epoch)
-            clash = set(metrics) & (record.keys() | _LOOP_METRICS)
-            if clash:
-                raise ValueError(f"metric names {sorted(clash)} given twice at epoch {epoch}")
-            record.update({name: float(value) for name, value in metrics.items()})
-        record["epoch_seconds"] = time.perf_counter() - began
+        if writes:
+            record |= _evaluate(evaluators, model, epoch, record.keys())
+            record["epoch_seconds"] = time.perf_counter() - began
+        if world > 1:
+            record = _from_rank_zero(record)
         history.append(record)
-        if store is not None and run_id is not None:
+        if store is not None and run_id is not None and writes:
             store.log_epoch(run_id, epoch, {k: v for k, v in record.items() if k != "epoch"})
         if checkpoint is not None:
             _save_checkpoint(checkpoint, model, optimizer, config, history, evaluators)
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
     bar.close()
 
-    if store is not None and run_id is not None:
+    if store is not None and run_id is not None and writes:
         if checkpoint is not None and history:
             contents = checkpoint_contents(evaluators)
             store.add_artifact(run_id, "checkpoint", checkpoint, len(history), contents)
         store.mark_complete(run_id)
     return history
+
+
+def _evaluate(
+    evaluators: Sequence[Evaluator], model: nn.Module, epoch: int, taken: Iterable[str]
+) -> dict[str, float]:
+    """Every evaluator's metrics at ``epoch`` under ``torch.no_grad()``; a name given twice (by
+    two evaluators, or one of ``taken`` or the loop's own) raises ``ValueError``."""
+    metrics: dict[str, float] = {}
+    taken = set(taken) | _LOOP_METRICS
+    for evaluator in evaluators:
+        with torch.no_grad():
+            values = evaluator(model, epoch)
+        clash = set(values) & (taken | metrics.keys())
+        if clash:
+            raise ValueError(f"metric names {sorted(clash)} given twice at epoch {epoch}")
+        metrics.update({name: float(value) for name, value in values.items()})
+    return metrics
 
 
 def checkpoint_contents(evaluators: Sequence[Evaluator] = ()) -> list[str]:
@@ -195,21 +230,78 @@ def _train_epoch(
     config: TrainConfig,
     epoch: int,
 ) -> float:
-    """One pass over ``data`` in this epoch's order; returns the sample-weighted mean loss."""
+    """One pass over ``data`` in this epoch's order; returns the sample-weighted mean loss.
+
+    On rank ``r`` of ``W > 1`` ranks (``model`` is then the DDP wrapper) each batch of ``n``
+    samples contributes its shard of ``n_r`` (:func:`_shard`), with the loss scaled by
+    ``W n_r / n``; the epoch's loss is summed over the ranks."""
     model.train()
+    rank, world = _rank_and_world()
     order = _epoch_order(len(data), config.seed, epoch)
     total: Tensor | float = 0.0
     count = 0
-    for batch, size in _batches(data, order, config.batch_size):
+    for indices in _chunks(order, config.batch_size):
+        shard = _shard(indices, rank, world)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
+        loss = loss_fn(model, _collate(data, shard))
+        (loss * (world * len(shard) / len(indices)) if world > 1 else loss).backward()
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        total = total + loss.detach().double() * size
-        count += size
+        total = total + loss.detach().double() * len(shard)
+        count += len(indices)
+    if world > 1:
+        total = torch.as_tensor(total, dtype=torch.float64)
+        dist.all_reduce(total)
     return float(total) / count
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_shardable(n: int, batch_size: int, world: int) -> None:
+    """Every batch must give each of ``world`` ranks at least one sample."""
+    last = n % batch_size or batch_size
+    if min(batch_size, n, last) < world:
+        raise ValueError(
+            f"{world} ranks need at least {world} samples in every batch; batch_size="
+            f"{batch_size} over {n} samples leaves a batch of {min(batch_size, n, last)}"
+        )
+
+
+def _shard(indices: Sequence[int], rank: int, world: int) -> Sequence[int]:
+    """Rank ``rank``'s contiguous part of ``indices`` split into ``world`` parts whose sizes
+    differ by at most one (the first ``len % world`` parts are one larger)."""
+    if world == 1:
+        return indices
+    base, extra = divmod(len(indices), world)
+    begin = rank * base + min(rank, extra)
+    return indices[begin : begin + base + (rank < extra)]
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The RNG seed of ``rank``: ``seed`` itself on rank 0 (one process seeds as before), one
+    drawn from ``(seed, rank)`` elsewhere, so that ranks draw independent noise."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence((seed, rank)).generate_state(1)[0])
+
+
+def _data_parallel(model: nn.Module) -> DistributedDataParallel:
+    """``model`` wrapped for gradient averaging over the ranks (on its parameters' device)."""
+    first = next(model.parameters())
+    return DistributedDataParallel(model, device_ids=[first.device] if first.is_cuda else None)
+
+
+def _from_rank_zero(record: dict[str, float]) -> dict[str, float]:
+    """Rank 0's ``record`` on every rank."""
+    box = [record]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -225,13 +317,22 @@ def _batches(dataset: Dataset, order: Sequence[int], batch_size: int) -> Iterato
     A ``TensorDataset`` is sliced with one index tensor per batch (same result as collating its
     items one by one, without the per-item Python overhead).
     """
+    for indices in _chunks(order, batch_size):
+        yield _collate(dataset, indices), len(indices)
+
+
+def _chunks(order: Sequence[int], batch_size: int) -> Iterator[Sequence[int]]:
+    """Consecutive chunks of ``batch_size`` indices of ``order`` (the last may be shorter)."""
     for begin in range(0, len(order), batch_size):
-        indices = order[begin : begin + batch_size]
-        if isinstance(dataset, TensorDataset):
-            index = torch.as_tensor(indices)
-            yield [tensor[index] for tensor in dataset.tensors], len(indices)
-        else:
-            yield default_collate([dataset[i] for i in indices]), len(indices)
+        yield order[begin : begin + batch_size]
+
+
+def _collate(dataset: Dataset, indices: Sequence[int]) -> Any:
+    """The batch of ``dataset``'s items at ``indices``."""
+    if isinstance(dataset, TensorDataset):
+        index = torch.as_tensor(indices)
+        return [tensor[index] for tensor in dataset.tensors]
+    return default_collate([dataset[i] for i in indices])
 
 
 def _seed_everything(seed: int) -> None:
@@ -291,13 +392,23 @@ def _save_checkpoint(
     """Write the checkpoint to a temporary file, fsync it, then rename it over ``path``.
 
     It holds the state of every checkpointable evaluator (one with ``state_dict``), in order.
+    Under ``W > 1`` ranks every rank calls it: ``rng`` then holds the list of the ranks' RNG
+    states, gathered from all of them, and rank 0 alone writes.
     """
+    rank, world = _rank_and_world()
+    rng: Any = _rng_state()
+    if world > 1:
+        states: list[Any] = [None] * world
+        dist.all_gather_object(states, rng)
+        rng = states
+    if rank != 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "epoch": len(history),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng,
         "config": asdict(config),
         "history": history,
         "evaluators": [
@@ -328,11 +439,16 @@ def _resume(
     """Load the checkpoint into ``model``, ``optimizer``, the checkpointable evaluators and the
     RNGs; return its history.
 
-    Raises ``ValueError`` if the checkpoint was written under a different batch size, seed or
-    gradient clip, already holds more epochs than ``config.epochs``, or holds evaluator state
-    that does not match ``evaluators``.
+    Raises ``ValueError`` if the checkpoint was written under a different batch size, seed,
+    gradient clip or number of ranks, already holds more epochs than ``config.epochs``, or
+    holds evaluator state that does not match ``evaluators``.
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    rank, world = _rank_and_world()
+    rng = payload["rng"]
+    ranks = len(rng) if isinstance(rng, list) else 1
+    if ranks != world:
+        raise ValueError(f"checkpoint {path} was written by {ranks} ranks; this run has {world}")
     saved = payload["config"]
     for field in ("batch_size", "seed", "grad_clip"):
         if saved[field] != getattr(config, field):
@@ -356,5 +472,5 @@ def _resume(
     for evaluator, state in zip(evaluators, states, strict=True):
         if state is not None:
             evaluator.load_state_dict(state, model)
-    _set_rng_state(payload["rng"])
+    _set_rng_state(rng[rank] if isinstance(rng, list) else rng)
     return payload["history"]

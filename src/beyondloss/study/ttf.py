@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from beyondloss.distributed import launch
 from beyondloss.evaluation import (
     Deployment,
     LogitsEvaluator,
@@ -214,6 +215,12 @@ class StudySpec:
         see: on a cluster, a shared file system. ``None`` keeps them under ``out``. The store
         and the reports stay in ``out``, on the machine of the process running the study, its
         one writer; registered checkpoints outside ``out`` are recorded by absolute path.
+    ddp:
+        Processes per run: ``ddp > 1`` trains each run data-parallel on that many ranks
+        (:func:`beyondloss.distributed.launch`; each global batch split over the ranks, see
+        :mod:`beyondloss.train`), restarted from its checkpoint when a rank dies. A run's
+        numbers then match its one-process numbers up to the order of floating-point sums;
+        its id does not change, and a checkpoint resumes only on the ranks that wrote it.
     """
 
     task: str
@@ -232,6 +239,7 @@ class StudySpec:
     executor: str = "local"
     address: str | None = None
     storage: Path | None = None
+    ddp: int = 1
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -286,7 +294,7 @@ class StudySpec:
                 f"task {self.task} has no metric {metric!r}; it has "
                 f"{', '.join(task.higher_is_better)}"
             )
-        for name in ("transform_every", "eval_every", "workers"):
+        for name in ("transform_every", "eval_every", "workers", "ddp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -537,6 +545,8 @@ class RunJob:
     transform_every: int = 1
     eval_every: int = 1
     data_seed: int = DATA_SEED
+    ddp: int = 1
+    """Processes that train the run (data-parallel when more than one)."""
     track_logits: bool = False
     """Evaluate with a :class:`~beyondloss.evaluation.LogitsEvaluator` instead of the study's
     evaluators (classification tasks: the post-hoc study's per-epoch logits of the base model
@@ -753,6 +763,7 @@ def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
         transforms=spec.run_transforms,
         transform_every=spec.transform_every,
         eval_every=spec.eval_every,
+        ddp=spec.ddp,
     )
 
 
@@ -790,7 +801,7 @@ def _executor(spec: StudySpec, calls: int) -> Any:
     if spec.executor == "ray":
         from beyondloss.study.ray_executor import RayExecutor
 
-        return RayExecutor(address=spec.address, num_cpus=spec.workers)
+        return RayExecutor(address=spec.address, cpus_per_run=spec.ddp, num_cpus=spec.workers)
     return LocalExecutor(min(spec.workers, calls))
 
 
@@ -991,7 +1002,15 @@ def with_ensembles(
 
 def _run_one(job: RunJob) -> RunRecord:
     """Train one run (in a worker process) from its checkpoint, if it has one, to its last
-    epoch; its record for the store. The worker writes only files under ``job.run_dir``."""
+    epoch; its record for the store. The worker writes only files under ``job.run_dir``.
+    With ``job.ddp > 1`` the worker launches that many ranks, each of which trains."""
+    if job.ddp > 1:
+        return launch(_train_run, job, nprocs=job.ddp)
+    return _train_run(job)
+
+
+def _train_run(job: RunJob) -> RunRecord:
+    """:func:`_run_one` in this process (one rank of the run under DDP)."""
     task = job.factory(job.size, job.data_seed)
     splits = task.splits()
     config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, seed=job.seed)
@@ -1015,6 +1034,7 @@ def _run_one(job: RunJob) -> RunRecord:
     if job.transforms:
         record |= {"transforms": list(job.transforms), "transform_every": job.transform_every}
     record |= {"eval_every": job.eval_every} if job.eval_every != 1 else {}
+    record |= {"ddp": job.ddp} if job.ddp != 1 else {}
     checkpoint = job.run_dir / CHECKPOINT_NAME
     try:
         history = train(
