@@ -17,7 +17,9 @@ split into ``W`` contiguous shards, one per rank, and the model runs wrapped in
 :class:`~torch.nn.parallel.DistributedDataParallel`. Rank ``r``'s loss is scaled by
 ``W n_r / n`` (``n_r`` of the batch's ``n`` samples are its own), so that DDP's mean over ranks
 is the gradient of the batch's mean loss, uneven shards included: the run computes what one
-process computes on the concatenated batch, up to the order of floating-point sums. DoPr pools
+process computes on the concatenated batch, up to the order of floating-point sums. (Exactly so
+for a loss that is a mean over samples; one averaged over a count that varies per sample, such
+as answer tokens under ``ignore_index``, gets each shard's mean weighted by its samples.) DoPr pools
 its activation statistics over the ranks itself. Rank 0 alone evaluates, writes store rows and
 the checkpoint, and hands each epoch's metrics to the other ranks, so every rank returns the
 same history. Each rank's RNG is seeded by ``(config.seed, rank)`` (rank 0 by ``config.seed``)
