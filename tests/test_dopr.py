@@ -278,6 +278,36 @@ def test_describe_accounts_for_every_unsupported_layer() -> None:
     opt.step()  # everything goes to the base optimizer untouched; must not fail
 
 
+@pytest.mark.parametrize(
+    ("scope", "kept"),
+    [
+        ("all", ["0", "2", "4"]),
+        ("hidden", ["2"]),
+        ("no_input", ["2", "4"]),
+        ("no_head", ["0", "2"]),
+    ],
+)
+def test_scope_leaves_the_input_layer_or_head_to_the_base_optimizer(
+    scope: str, kept: list[str]
+) -> None:
+    torch.manual_seed(0)
+    layers = [nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)]
+    model = nn.Sequential(*layers)
+    opt = DoPr(model, base="sgd", lr=0.1, scope=scope, cov_every=1, inverse_every=1)
+    assert list(opt.preconditioner.layers) == kept
+    x = torch.randn(16, 3)
+    model(x).square().sum().backward()
+    raw = {name: model.get_submodule(name).weight.grad.clone() for name in ("0", "2", "4")}
+    before = {name: model.get_submodule(name).weight.detach().clone() for name in raw}
+    opt.step()
+    for name, grad in raw.items():
+        step = before[name] - model.get_submodule(name).weight.detach()
+        # A layer out of scope takes the plain SGD step; one in scope a preconditioned one.
+        assert torch.allclose(step, 0.1 * grad) == (name not in kept), name
+    with pytest.raises(ValueError, match="scope must be one of all, hidden"):
+        DoPr(model, scope="middle")
+
+
 def test_layer_whose_forward_bypasses_hooks_passes_through_until_recorded() -> None:
     layer = nn.Linear(3, 2)
     ap = ActivationPreconditioner(layer)

@@ -15,6 +15,9 @@ from typing import Any
 
 DAMPING_MODES = ("trace_over_dim", "trace")
 GRAFTING_MODES = ("none", "grad_norm")
+SCOPES = ("all", "hidden", "no_input", "no_head")
+"""Which supported layers AP preconditions: all of them, or all but the first (the input
+layer), the last (the output head) or both (``hidden``), in module order."""
 
 
 def _positive_int(value: Any, name: str) -> None:
@@ -56,6 +59,10 @@ class APConfig:
         ``"none"`` (the paper's update) or ``"grad_norm"``: each layer's preconditioned
         gradient is rescaled to the Frobenius norm of its raw gradient, ‖M‖ = ‖G‖, so that the
         step size of a base optimizer that is not scale-invariant (SGD) carries over.
+    scope:
+        One of :data:`SCOPES`. The first and last supported layers in the model's module order
+        (``named_modules``; for an ``nn.Sequential`` MLP, the input layer and the output head)
+        are left to the gradient preconditioner by ``no_input``, ``no_head`` and ``hidden``.
     """
 
     damping: float = field(default=1e-3, metadata={"help": "relative ridge γ"})
@@ -76,6 +83,10 @@ class APConfig:
             "help": "step-length grafting of the preconditioned gradient",
             "choices": GRAFTING_MODES,
         },
+    )
+    scope: str = field(
+        default="all",
+        metadata={"help": "layers AP preconditions (first/last: module order)", "choices": SCOPES},
     )
 
     def __post_init__(self) -> None:
@@ -98,6 +109,8 @@ class APConfig:
             raise ValueError(
                 f"grafting must be one of {', '.join(GRAFTING_MODES)}, got {self.grafting!r}"
             )
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         object.__setattr__(self, "damping", damping)
         object.__setattr__(self, "ema_decay", ema_decay)
 

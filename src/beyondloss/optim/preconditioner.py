@@ -222,6 +222,7 @@ class ActivationPreconditioner:
             if name != parent_name
         }
         new = []
+        ends = self._out_of_scope()
         for name, module in model.named_modules():
             if name in self.layers or name in self.excluded:
                 continue
@@ -234,6 +235,8 @@ class ActivationPreconditioner:
                 continue
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
                 self.excluded[name] = "excluded by name pattern"
+            elif name in ends:
+                self.excluded[name] = ends[name]
             elif name in bypassing:
                 self.excluded[name] = "inside nn.MultiheadAttention, whose forward bypasses hooks"
             elif any(uses[id(p)] > 1 for p in helper.params):
@@ -246,6 +249,24 @@ class ActivationPreconditioner:
                 self.layers[name] = _LayerState(name, helper, self.config.max_block_size)
                 new.append(self.layers[name])
         self._attach_hooks(new)
+
+    def _out_of_scope(self) -> dict[str, str]:
+        """``{name: reason}`` of the supported layers that ``config.scope`` leaves out: the
+        first (input layer) and/or the last (output head) in module order."""
+        scope = self.config.scope
+        supported = []
+        for name, module in self.model.named_modules():
+            try:
+                if helper_for(module) is not None:
+                    supported.append(name)
+            except UnsupportedLayer:
+                continue
+        out: dict[str, str] = {}
+        if supported and scope in ("hidden", "no_input"):
+            out[supported[0]] = f"the input layer, out of scope {scope!r}"
+        if supported and scope in ("hidden", "no_head"):
+            out[supported[-1]] = f"the output head, out of scope {scope!r}"
+        return out
 
     def add_params(self, params: Iterable[Tensor]) -> None:
         """Precondition also the layers of ``params`` (new parameter groups of the optimizer)."""

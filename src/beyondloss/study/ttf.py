@@ -131,9 +131,11 @@ DOPR_SETTINGS = {
     "ema_decay": "ema",
     "max_block_size": "blk",
     "grafting": "",
+    "scope": "",
 }
 """Activation-preconditioner settings a study may set, and their tag in run ids (``cov10``;
-``damping_mode`` and ``grafting`` are tagged by their value alone, e.g. ``trace``)."""
+``damping_mode``, ``grafting`` and ``scope`` are tagged by their value alone, e.g.
+``trace``)."""
 
 DOPR_DEFAULTS: Mapping[str, Any] = {name: getattr(APConfig(), name) for name in DOPR_SETTINGS}
 """DoPr's own value of each of :data:`DOPR_SETTINGS`."""
