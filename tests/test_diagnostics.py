@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from beyondloss.optim import ActivationPreconditioner
-from beyondloss.optim.diagnostics import layer_spectrum, warn_amplification
+from beyondloss.optim.diagnostics import directional_profile, layer_spectrum, warn_amplification
 
 
 def rotated(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
@@ -72,3 +72,30 @@ def test_preconditioner_reports_each_layer_and_warns_past_the_threshold() -> Non
     with pytest.warns(UserWarning, match=r"raise `damping`"):
         assert warn_amplification(ap.spectra()) == [""]
     assert warn_amplification(ap.spectra(), threshold=1e9) == []
+
+
+def test_directional_profile_reads_the_deployed_excess_along_each_training_direction() -> None:
+    # Training inputs along three orthogonal directions with second moments 4, 1 and 0.01;
+    # deployed inputs with 4, 2 and 1 along the same directions: the weakest direction is
+    # excited 100 times more than in training, the strongest exactly as much.
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))
+    sigma = q @ torch.diag(torch.tensor([4.0, 1.0, 0.01], dtype=torch.float64)) @ q.T
+    signs = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    deployed_inputs = (signs * torch.tensor([2.0, 2.0**0.5, 1.0], dtype=torch.float64)) @ q.T
+    profile = directional_profile(sigma, deployed_inputs, 0.1, "trace_over_dim")
+    lam = 0.1 * 5.01 / 3
+
+    def f64(*values: float) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64)
+
+    torch.testing.assert_close(profile.train, f64(0.01, 1.0, 4.0))
+    torch.testing.assert_close(profile.deployed, f64(1.0, 2.0, 4.0))
+    torch.testing.assert_close(profile.excitation, f64(100.0, 2.0, 1.0))
+    gains = f64((4 + lam) / (0.01 + lam), (4 + lam) / (1 + lam), 1.0)
+    torch.testing.assert_close(profile.gain, gains)
+    # A weight that reads only the weakest direction responds only along it.
+    weight = 3.0 * q[:, 2:3].T
+    torch.testing.assert_close(profile.response(weight), f64(3.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"deployed_inputs must be \(n, 3\)"):
+        directional_profile(sigma, deployed_inputs[:, :2], 0.1, "trace")

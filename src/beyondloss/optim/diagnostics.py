@@ -9,8 +9,15 @@ of those gains says how unevenly a layer's update is reshaped:
 
 A large amplification means directions the training inputs barely excite get steps many times
 larger than the dominant ones — the directions a closed-loop deployment may excite more than
-training did. Σ is read as the preconditioner holds it (its blocks, or the diagonal of an
-embedding); a block-diagonal Σ's eigenvalues are those of its blocks. λ is the ridge
+training did. :func:`directional_profile` measures that second half: along each u_i, the
+second moment of the inputs a deployed model meets against the training one,
+
+    excitation_i = u_iᵀ Σ_deployed u_i / σ_i,
+
+beside AP's relative gain (σ_max + λ)/(σ_i + λ) and, for a weight W, its response ‖W u_i‖.
+
+Σ is read as the preconditioner holds it (its blocks, or the diagonal of an embedding); a
+block-diagonal Σ's eigenvalues are those of its blocks. λ is the ridge
 :func:`~beyondloss.optim.linalg.ridge` gives for that Σ.
 """
 
@@ -88,7 +95,56 @@ def warn_amplification(
         warnings.warn(
             f"activation preconditioning amplifies the least-excited input directions of "
             f"{detail} over the most-excited (threshold {threshold:g}×); raise `damping` "
-            "(the relative ridge γ) or leave these layers out with `exclude=[...]`",
+            "(the relative ridge γ), or leave these layers out with `exclude=[...]` (the "
+            "input layer: `scope='no_input'`)",
             stacklevel=2,
         )
     return loud
+
+
+@dataclass(frozen=True)
+class DirectionalProfile:
+    """A layer's inputs along the eigenvectors of its training Σ, weakest direction first.
+
+    ``vectors[:, i]`` is u_i; ``train[i]`` is σ_i = u_iᵀ Σ u_i; ``deployed[i]`` is
+    u_iᵀ Σ_deployed u_i, the same uncentered second moment over the inputs met when deployed;
+    ``gain[i]`` is (σ_max + λ)/(σ_i + λ), how much more AP scales a gradient along u_i than
+    along the most-excited direction.
+    """
+
+    vectors: Tensor
+    train: Tensor
+    deployed: Tensor
+    gain: Tensor
+
+    @property
+    def excitation(self) -> Tensor:
+        """``deployed / train``: how many times more the deployment excites each direction
+        than training did (inf where training never did)."""
+        return self.deployed / self.train.clamp_min(0.0)
+
+    def response(self, weight: Tensor) -> Tensor:
+        """‖W u_i‖ of ``weight`` W ``(out, dim)``: how strongly the layer reacts along u_i."""
+        return (weight.double() @ self.vectors).norm(dim=0)
+
+
+def directional_profile(
+    sigma: Tensor, deployed_inputs: Tensor, damping: float, damping_mode: str
+) -> DirectionalProfile:
+    """The :class:`DirectionalProfile` of a dense training ``sigma`` ``(dim, dim)`` (as the
+    preconditioner holds it, bias coordinate included) against ``deployed_inputs``
+    ``(n, dim)``, the layer's inputs in deployment (with the bias coordinate 1 appended where
+    Σ has one). λ is the preconditioner's ridge for ``sigma``."""
+    if sigma.dim() != 2 or sigma.shape[0] != sigma.shape[1]:
+        raise ValueError(f"sigma must be a square matrix, got shape {tuple(sigma.shape)}")
+    if deployed_inputs.dim() != 2 or deployed_inputs.shape[1] != sigma.shape[0]:
+        raise ValueError(
+            f"deployed_inputs must be (n, {sigma.shape[0]}), got {tuple(deployed_inputs.shape)}"
+        )
+    values, vectors = torch.linalg.eigh(sigma.double())
+    values = values.clamp_min(0.0)
+    lam = ridge([sigma], damping, damping_mode)
+    deployed = (deployed_inputs.double() @ vectors).square().mean(dim=0)
+    return DirectionalProfile(
+        vectors=vectors, train=values, deployed=deployed, gain=(values.max() + lam) / (values + lam)
+    )
