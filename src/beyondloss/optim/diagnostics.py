@@ -95,8 +95,9 @@ def warn_amplification(
         warnings.warn(
             f"activation preconditioning amplifies the least-excited input directions of "
             f"{detail} over the most-excited (threshold {threshold:g}×); raise `damping` "
-            "(the relative ridge γ), or leave these layers out with `exclude=[...]` (the "
-            "input layer: `scope='no_input'`)",
+            "(the relative ridge γ; 0.1 restored DoPr-Muon on the pendulum, "
+            "docs/dopr-defaults.md), or leave these layers out with `exclude=[...]` (the "
+            "output head: `scope='no_head'`)",
             stacklevel=2,
         )
     return loud
