@@ -1,6 +1,8 @@
-"""Lorenz-63 task: integrator accuracy, deterministic disjoint splits, loss and rollout metrics."""
+"""Lorenz-63 task: integrator accuracy, deterministic disjoint splits, loss and rollout metrics;
+the same task on Lorenz-96."""
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,13 +10,18 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import nn
 
+from beyondloss.tasks import make_task
 from beyondloss.tasks.base import Task
 from beyondloss.tasks.dynamics import (
+    LORENZ96_FORCING,
+    LORENZ96_SITES,
     LYAPUNOV_EXPONENT,
     Lorenz63Task,
+    Lorenz96Task,
     LorenzConfig,
     integrate,
     lorenz63_rhs,
+    lorenz96_rhs,
     rk4_step,
 )
 
@@ -197,3 +204,42 @@ def test_config_rejects_invalid_values(change: dict[str, float]) -> None:
 def test_quick_config_has_at_least_100_rollouts_of_several_lyapunov_times() -> None:
     for config in (LorenzConfig.quick(), LorenzConfig.full()):
         assert config.n_rollouts >= 100 and config.horizon_lt >= 8
+
+
+def test_lorenz96_field_is_cyclic_with_its_equilibrium_at_the_forcing() -> None:
+    rng = np.random.default_rng(0)
+    state = rng.normal(size=(4, LORENZ96_SITES))
+    # x_i' = (x_{i+1} - x_{i-2}) x_{i-1} - x_i + F, written out for one site of one state.
+    x = state[0]
+    i, n = 3, LORENZ96_SITES
+    expected = (x[(i + 1) % n] - x[(i - 2) % n]) * x[(i - 1) % n] - x[i] + LORENZ96_FORCING
+    assert lorenz96_rhs(state)[0, i] == pytest.approx(expected)
+    np.testing.assert_allclose(
+        lorenz96_rhs(np.roll(state, 1, axis=1)), np.roll(lorenz96_rhs(state), 1, axis=1)
+    )
+    np.testing.assert_allclose(lorenz96_rhs(np.full(n, LORENZ96_FORCING)), 0.0, atol=1e-12)
+
+
+def test_lorenz96_task_forecasts_ten_sites_on_its_own_lyapunov_clock() -> None:
+    config = replace(
+        LorenzConfig.quick(system="lorenz96"),
+        n_train_trajectories=2,
+        train_steps=100,
+        n_rollouts=4,
+        horizon_lt=2.0,
+    )
+    task = Lorenz96Task(config)
+    assert task.name == "lorenz96" and config.chaotic_system.dim == 10
+    assert config.horizon_steps == round(2.0 / (1.20 * config.dt))
+    state, target = task.splits().train.tensors
+    assert state.shape == target.shape == (200, 10)
+    torch.manual_seed(0)
+    model = task.make_model()
+    assert model(state[:3]).shape == (3, 10)
+    metrics = task.evaluate(model, "test")
+    assert 0 < metrics["vpt"] < 2.0
+    assert make_task("lorenz96").name == "lorenz96"
+    with pytest.raises(ValueError, match="system must be one of lorenz63, lorenz96"):
+        LorenzConfig(system="rossler")
+    with pytest.raises(ValueError, match="needs system 'lorenz96'"):
+        Lorenz96Task(LorenzConfig.quick())

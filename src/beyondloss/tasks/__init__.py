@@ -13,7 +13,7 @@ from collections.abc import Callable
 from functools import partial
 
 from beyondloss.tasks.base import ClassifierTask, SelectedMetric, Splits, Task
-from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
+from beyondloss.tasks.dynamics import Lorenz63Task, Lorenz96Task, LorenzConfig
 from beyondloss.tasks.flow import DATASETS as FLOW_DATASETS
 from beyondloss.tasks.flow import make_flow_task
 from beyondloss.tasks.noisy_labels import make_noisy_task
@@ -44,6 +44,14 @@ def lorenz(size: str, data_seed: int) -> Lorenz63Task:
     return Lorenz63Task(make_config(data_seed))
 
 
+def lorenz96(size: str, data_seed: int) -> Lorenz96Task:
+    """Lorenz-96 forecasting (10 sites, F = 8) at the Lorenz sizes: a chaotic family held out
+    from Lorenz-63."""
+    _check_size(size)
+    make_config = LorenzConfig.quick if size == "quick" else LorenzConfig.full
+    return Lorenz96Task(make_config(data_seed, system="lorenz96"))
+
+
 def behavior_cloning(size: str, data_seed: int, env: str) -> Task:
     """MuJoCo behavior cloning (:mod:`beyondloss.tasks.control`); imported on use, since it
     needs the optional ``control`` extra (gymnasium + MuJoCo)."""
@@ -54,6 +62,7 @@ def behavior_cloning(size: str, data_seed: int, env: str) -> Task:
 
 TASKS: dict[str, TaskFactory] = {
     "lorenz": lorenz,
+    "lorenz96": lorenz96,
     "sort": partial(make_sequence_task, problem="sort"),
     **{f"flow-{name}": partial(make_flow_task, dataset=name) for name in FLOW_DATASETS},
     "bc-pendulum": partial(behavior_cloning, env="pendulum"),
@@ -99,6 +108,7 @@ __all__ = [
     "Task",
     "TaskFactory",
     "lorenz",
+    "lorenz96",
     "make_task",
     "selecting",
     "suite",

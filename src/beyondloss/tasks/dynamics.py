@@ -27,6 +27,17 @@ that next state measured in the same units,
 
 so the persistence forecast :math:`\\hat x_{t+1} = x_t` scores about 1.
 
+:class:`Lorenz96Task` — the same task on the Lorenz-96 system of ``N = 10`` sites,
+
+.. math::
+
+    \\dot x_i = (x_{i+1} - x_{i-2})\\, x_{i-1} - x_i + F, \\qquad F = 8
+
+(indices cyclic; largest Lyapunov exponent :math:`\\approx 1.20`, measured by
+``experiments/lyapunov_lorenz96.py``), a chaotic family of another dimension and coupling for
+checks held out from Lorenz-63. Each system is a :class:`ChaoticSystem`; everything below
+applies to both, with the system's dimension, exponent and initial box.
+
 Deployment. :meth:`Lorenz63Task.evaluate` rolls the model out autoregressively from the first
 state of every held-out trajectory of the split (all trajectories advance together, one forward
 per step) and compares with the reference: valid prediction time and normalized RMSE (see
@@ -35,6 +46,7 @@ per step) and compares with the reference: valid prediction time and normalized 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -70,28 +82,90 @@ def lorenz63_rhs(state: np.ndarray) -> np.ndarray:
     return np.stack((SIGMA * (y - x), x * (RHO - z) - y, x * y - BETA * z), axis=-1)
 
 
-def rk4_step(state: np.ndarray, h: float) -> np.ndarray:
-    """One classical Runge–Kutta step of size ``h`` (time units); ``state`` has shape ``(..., 3)``.
+LORENZ96_FORCING = 8.0
+LORENZ96_SITES = 10
+
+
+def lorenz96_rhs(state: np.ndarray) -> np.ndarray:
+    """Time derivative of Lorenz-96 states; ``state`` has shape ``(..., N)``, sites cyclic."""
+    return (
+        (np.roll(state, -1, axis=-1) - np.roll(state, 2, axis=-1)) * np.roll(state, 1, axis=-1)
+        - state
+        + LORENZ96_FORCING
+    )
+
+
+Rhs = Callable[[np.ndarray], np.ndarray]
+"""``state (..., d) -> time derivative (..., d)`` of an autonomous system."""
+
+
+@dataclass(frozen=True)
+class ChaoticSystem:
+    """An autonomous chaotic system the forecasting task can learn.
+
+    ``rhs`` is its vector field on states ``(..., dim)``; ``lyapunov_exponent`` its largest
+    Lyapunov exponent per time unit (the clock of valid prediction times); initial conditions
+    are uniform in the box ``initial_low .. initial_high`` (physical units, ``(dim,)``) and then
+    integrated for the config's transient onto the attractor.
+    """
+
+    name: str
+    dim: int
+    rhs: Rhs
+    lyapunov_exponent: float
+    initial_low: tuple[float, ...]
+    initial_high: tuple[float, ...]
+
+
+SYSTEMS = MappingProxyType(
+    {
+        "lorenz63": ChaoticSystem(
+            "lorenz63",
+            STATE_DIM,
+            lorenz63_rhs,
+            LYAPUNOV_EXPONENT,
+            tuple(float(v) for v in _INITIAL_BOX_LOW),
+            tuple(float(v) for v in _INITIAL_BOX_HIGH),
+        ),
+        "lorenz96": ChaoticSystem(
+            "lorenz96",
+            LORENZ96_SITES,
+            lorenz96_rhs,
+            1.20,
+            (LORENZ96_FORCING - 1.0,) * LORENZ96_SITES,
+            (LORENZ96_FORCING + 1.0,) * LORENZ96_SITES,
+        ),
+    }
+)
+"""The systems of :class:`LorenzConfig` by name."""
+
+
+def rk4_step(state: np.ndarray, h: float, rhs: Rhs = lorenz63_rhs) -> np.ndarray:
+    """One classical Runge–Kutta step of size ``h`` (time units) of ``rhs`` (Lorenz-63 by
+    default); ``state`` has shape ``(..., d)``.
 
     .. math::
 
         k_1 = f(x),\\ k_2 = f(x + \\tfrac h2 k_1),\\ k_3 = f(x + \\tfrac h2 k_2),\\
         k_4 = f(x + h k_3),\\qquad x' = x + \\tfrac h6 (k_1 + 2k_2 + 2k_3 + k_4).
     """
-    k1 = lorenz63_rhs(state)
-    k2 = lorenz63_rhs(state + 0.5 * h * k1)
-    k3 = lorenz63_rhs(state + 0.5 * h * k2)
-    k4 = lorenz63_rhs(state + h * k3)
+    k1 = rhs(state)
+    k2 = rhs(state + 0.5 * h * k1)
+    k3 = rhs(state + 0.5 * h * k2)
+    k4 = rhs(state + h * k3)
     return state + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
 
-def integrate(initial: np.ndarray, dt: float, n_steps: int, substeps: int = 1) -> np.ndarray:
-    """Lorenz-63 trajectories sampled every ``dt`` time units, RK4 at step ``dt / substeps``.
+def integrate(
+    initial: np.ndarray, dt: float, n_steps: int, substeps: int = 1, rhs: Rhs = lorenz63_rhs
+) -> np.ndarray:
+    """Trajectories of ``rhs`` (Lorenz-63 by default) sampled every ``dt`` time units, RK4 at
+    step ``dt / substeps``.
 
     Parameters
     ----------
     initial:
-        Initial states, shape ``(n, 3)``; integrated in float64.
+        Initial states, shape ``(n, d)``; integrated in float64.
     dt:
         Sampling interval (time units).
     n_steps:
@@ -102,7 +176,7 @@ def integrate(initial: np.ndarray, dt: float, n_steps: int, substeps: int = 1) -
     Returns
     -------
     np.ndarray
-        Shape ``(n, n_steps + 1, 3)``, float64; ``[:, 0]`` is ``initial``.
+        Shape ``(n, n_steps + 1, d)``, float64; ``[:, 0]`` is ``initial``.
     """
     if dt <= 0 or n_steps < 0 or substeps < 1:
         raise ValueError(
@@ -114,7 +188,7 @@ def integrate(initial: np.ndarray, dt: float, n_steps: int, substeps: int = 1) -
     samples[0] = state
     for step in range(1, n_steps + 1):
         for _ in range(substeps):
-            state = rk4_step(state, h)
+            state = rk4_step(state, h, rhs)
         samples[step] = state
     return samples.swapaxes(0, 1)
 
@@ -127,6 +201,8 @@ class LorenzConfig:
     ----------
     seed:
         Seeds every initial condition; train, val and test use independent streams from it.
+    system:
+        The :class:`ChaoticSystem` learned, a key of :data:`SYSTEMS`.
     dt:
         Sampling interval of the data and step of the learned model (0.01 ≈ 1/110 Lyapunov time).
     substeps:
@@ -152,6 +228,7 @@ class LorenzConfig:
     """
 
     seed: int = 0
+    system: str = "lorenz63"
     dt: float = 0.01
     substeps: int = 4
     transient: float = 25.0
@@ -167,6 +244,8 @@ class LorenzConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
+        if self.system not in SYSTEMS:
+            raise ValueError(f"system must be one of {', '.join(SYSTEMS)}, got {self.system!r}")
         for name in (
             "substeps",
             "n_train_trajectories",
@@ -190,22 +269,28 @@ class LorenzConfig:
             raise ValueError(f"horizon_lt must be at least {last_report}, got {self.horizon_lt}")
 
     @property
+    def chaotic_system(self) -> ChaoticSystem:
+        """The system of :attr:`system`."""
+        return SYSTEMS[self.system]
+
+    @property
     def horizon_steps(self) -> int:
         """Rollout length in model steps: ``round(horizon_lt / (λ_max · dt))``."""
-        return round(self.horizon_lt / (LYAPUNOV_EXPONENT * self.dt))
+        return round(self.horizon_lt / (self.chaotic_system.lyapunov_exponent * self.dt))
 
     @classmethod
-    def quick(cls, seed: int = 0) -> LorenzConfig:
+    def quick(cls, seed: int = 0, system: str = "lorenz63") -> LorenzConfig:
         """The defaults, study-sized: 16k training pairs, 20 epochs of batches of 256; 100 rollouts
         of 8 Lyapunov times per eval split."""
-        return cls(seed=seed)
+        return cls(seed=seed, system=system)
 
     @classmethod
-    def full(cls, seed: int = 0) -> LorenzConfig:
+    def full(cls, seed: int = 0, system: str = "lorenz63") -> LorenzConfig:
         """Larger: 80k training pairs, 40 epochs of batches of 256; 200 rollouts of 10 Lyapunov
         times per eval split."""
         return cls(
             seed=seed,
+            system=system,
             n_train_trajectories=32,
             train_steps=2500,
             n_rollouts=200,
@@ -246,8 +331,8 @@ class _LorenzData:
 
 
 def _simulate(config: LorenzConfig) -> dict[str, np.ndarray]:
-    """Physical-unit trajectories per split: train ``(n_train, train_steps + 1, 3)``,
-    val/test ``(n_rollouts, horizon_steps + 1, 3)``.
+    """Physical-unit trajectories per split: train ``(n_train, train_steps + 1, d)``,
+    val/test ``(n_rollouts, horizon_steps + 1, d)``.
 
     All splits are integrated in one batch (the cost is per step, not per trajectory); each
     trajectory's values depend only on its own initial condition.
@@ -262,18 +347,20 @@ def _simulate(config: LorenzConfig) -> dict[str, np.ndarray]:
         "val": config.horizon_steps,
         "test": config.horizon_steps,
     }
+    system = config.chaotic_system
+    low, high = np.array(system.initial_low), np.array(system.initial_high)
     streams = np.random.SeedSequence(config.seed).spawn(len(counts))
     initial = np.concatenate(
         [
-            np.random.default_rng(stream).uniform(
-                _INITIAL_BOX_LOW, _INITIAL_BOX_HIGH, (n, STATE_DIM)
-            )
+            np.random.default_rng(stream).uniform(low, high, (n, system.dim))
             for stream, n in zip(streams, counts.values(), strict=True)
         ]
     )
     transient_steps = round(config.transient / config.dt)
-    on_attractor = integrate(initial, config.dt, transient_steps)[:, -1]
-    trajectories = integrate(on_attractor, config.dt, max(lengths.values()), config.substeps)
+    on_attractor = integrate(initial, config.dt, transient_steps, rhs=system.rhs)[:, -1]
+    trajectories = integrate(
+        on_attractor, config.dt, max(lengths.values()), config.substeps, system.rhs
+    )
     out: dict[str, np.ndarray] = {}
     start = 0
     for split, n in counts.items():
@@ -294,13 +381,14 @@ def _pairs(trajectories: torch.Tensor, stride: int = 1) -> TensorDataset:
 
 def _build(config: LorenzConfig) -> _LorenzData:
     physical = _simulate(config)
-    train_states = physical["train"].reshape(-1, STATE_DIM)
+    dim = config.chaotic_system.dim
+    train_states = physical["train"].reshape(-1, dim)
     mean, std = train_states.mean(axis=0), train_states.std(axis=0)
     standardized = {
         split: torch.from_numpy((traj - mean) / std).to(torch.float32)
         for split, traj in physical.items()
     }
-    train_increments = np.diff((physical["train"] - mean) / std, axis=1).reshape(-1, STATE_DIM)
+    train_increments = np.diff((physical["train"] - mean) / std, axis=1).reshape(-1, dim)
     return _LorenzData(
         splits=Splits(
             train=_pairs(standardized["train"]),
@@ -338,12 +426,12 @@ class Lorenz63Task(ConfiguredTask):
 
     @property
     def state_mean(self) -> torch.Tensor:
-        """Training mean of the states, shape ``(3,)``, physical units (float64)."""
+        """Training mean of the states, shape ``(d,)``, physical units (float64)."""
         return self._data().state_mean
 
     @property
     def state_std(self) -> torch.Tensor:
-        """Training standard deviation of the states, shape ``(3,)``, physical units (float64).
+        """Training standard deviation of the states, shape ``(d,)``, physical units (float64).
 
         It estimates the attractor's per-dimension spread; standardized states are
         ``(x - state_mean) / state_std``.
@@ -351,7 +439,7 @@ class Lorenz63Task(ConfiguredTask):
         return self._data().state_std
 
     def splits(self) -> Splits:
-        """Standardized one-step pairs ``(x_t, x_{t+1})`` (each ``(N, 3)`` float32) per split.
+        """Standardized one-step pairs ``(x_t, x_{t+1})`` (each ``(N, d)`` float32) per split.
 
         Train has ``n_train_trajectories · train_steps`` pairs; val and test are the pairs of
         their rollout reference trajectories every ``eval_pair_stride`` steps,
@@ -360,14 +448,17 @@ class Lorenz63Task(ConfiguredTask):
         return self._data().splits
 
     def make_model(self) -> nn.Module:
-        """A fresh :class:`IncrementMLP` (3 → hidden × depth → 3, GELU); global torch RNG."""
+        """A fresh :class:`IncrementMLP` (d → hidden × depth → d, GELU); global torch RNG."""
         return IncrementMLP(
-            STATE_DIM, self.config.hidden, self.config.depth, self._data().increment_std
+            self.config.chaotic_system.dim,
+            self.config.hidden,
+            self.config.depth,
+            self._data().increment_std,
         )
 
     def loss(self, model: nn.Module, batch: object) -> torch.Tensor:
         """One-step MSE in increment-std units (module docs); ``batch = (x_t, x_{t+1})``, each
-        ``(B, 3)``; returns a scalar."""
+        ``(B, d)``; returns a scalar."""
         state, target = batch
         prediction = model(state)
         scale = self._data().increment_std.to(device=prediction.device, dtype=prediction.dtype)
@@ -396,7 +487,7 @@ class Lorenz63Task(ConfiguredTask):
         finally:
             model.train(was_training)
         vpt = valid_prediction_times(
-            nrmse, self.config.dt, self.config.vpt_threshold, LYAPUNOV_EXPONENT
+            nrmse, self.config.dt, self.config.vpt_threshold, self._lyapunov_exponent
         )
         metrics = {"vpt": float(vpt.mean()), "vpt_median": float(vpt.median())}
         for metric, time_lt in NRMSE_REPORT_TIMES.items():
@@ -406,7 +497,11 @@ class Lorenz63Task(ConfiguredTask):
 
     def _step_index(self, time_lt: float) -> int:
         """Column of the NRMSE curve at forecast time ``time_lt`` Lyapunov times."""
-        return round(time_lt / (LYAPUNOV_EXPONENT * self.config.dt)) - 1
+        return round(time_lt / (self._lyapunov_exponent * self.config.dt)) - 1
+
+    @property
+    def _lyapunov_exponent(self) -> float:
+        return self.config.chaotic_system.lyapunov_exponent
 
     def _rollout_nrmse(self, model: nn.Module, reference: torch.Tensor) -> torch.Tensor:
         """NRMSE curves ``(n, K)`` of rollouts from the first states of ``reference`` (n, H+1, d).
@@ -420,7 +515,7 @@ class Lorenz63Task(ConfiguredTask):
         horizon = reference.shape[1] - 1
         scale = torch.ones(reference.shape[-1], device=reference.device, dtype=reference.dtype)
         first_end = 1 + max(self._step_index(t) for t in NRMSE_REPORT_TIMES.values())
-        check_every = max(1, round(_STOP_CHECK_LT / (LYAPUNOV_EXPONENT * self.config.dt)))
+        check_every = max(1, round(_STOP_CHECK_LT / (self._lyapunov_exponent * self.config.dt)))
         chunk_ends = [*range(first_end, horizon, check_every), horizon]
         state = reference[:, 0]
         still_valid = torch.ones(reference.shape[0], dtype=torch.bool, device=reference.device)
@@ -440,3 +535,15 @@ class Lorenz63Task(ConfiguredTask):
             if not bool(still_valid.any()):
                 break
         return torch.cat(curves, dim=1)
+
+
+class Lorenz96Task(Lorenz63Task):
+    """:class:`Lorenz63Task` on Lorenz-96 (``config.system == "lorenz96"``; module docs)."""
+
+    name = "lorenz96"
+
+    def __init__(self, config: LorenzConfig | None = None) -> None:
+        config = LorenzConfig.quick(system="lorenz96") if config is None else config
+        if config.system != "lorenz96":
+            raise ValueError(f"Lorenz96Task needs system 'lorenz96', got {config.system!r}")
+        super().__init__(config)
