@@ -33,6 +33,7 @@ import statistics
 
 import torch
 
+from beyondloss.metrics.rollout import normalized_rmse
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.diagnostics import directional_profile
 from beyondloss.study import StudySpec
@@ -86,11 +87,12 @@ def deployed_states(task, model: torch.nn.Module) -> torch.Tensor:  # type: igno
     if isinstance(task, Lorenz63Task):
         reference = task._data().rollouts["test"]
         state, states = reference[:, 0], []
+        unit = torch.ones(reference.shape[-1])  # standardized states: σ = 1, as the task uses
         with torch.no_grad():
             for step in range(1, reference.shape[1]):
                 state = model(state)
-                error = (state - reference[:, step]).square().mean(dim=1).sqrt()
-                valid = error <= config.vpt_threshold
+                error = normalized_rmse(state[:, None], reference[:, step : step + 1], unit)
+                valid = error[:, 0] <= config.vpt_threshold
                 if not bool(valid.any()):
                     break
                 states.append(state[valid])

@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from distributed_ranks import WORLD_SIZE, finish_rank, init_rank
+from study_driver import tiny_lorenz
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from beyondloss.optim import make_optimizer
 from beyondloss.study import StudySpec, run_study
 from beyondloss.tasks import TASKS
-from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig
+from beyondloss.tasks.dynamics import Lorenz63Task
 from beyondloss.train import CHECKPOINT_NAME, TrainConfig, loss_evaluator, train
 
 # 53 samples in batches of 11: shards of 6 and 5, and a last batch of 9 (5 and 4).
@@ -119,13 +120,6 @@ def test_a_batch_smaller_than_the_ranks_is_refused(tmp_path: Path) -> None:
         assert "2 ranks need at least 2 samples in every batch" in (
             tmp_path / f"error{rank}"
         ).read_text()
-
-
-def tiny_lorenz(size: str, data_seed: int) -> Lorenz63Task:
-    config = replace(
-        LorenzConfig.quick(data_seed), epochs=3, train_steps=300, n_rollouts=10, horizon_lt=2.0
-    )
-    return Lorenz63Task(config)
 
 
 class RankKilledOnce(Lorenz63Task):

@@ -266,12 +266,13 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def _check_shardable(n: int, batch_size: int, world: int) -> None:
-    """Every batch must give each of ``world`` ranks at least one sample."""
+    """Every batch must give each of ``world`` ranks at least one sample; the last batch is
+    the smallest (all of ``n`` when ``n < batch_size``)."""
     last = n % batch_size or batch_size
-    if min(batch_size, n, last) < world:
+    if last < world:
         raise ValueError(
             f"{world} ranks need at least {world} samples in every batch; batch_size="
-            f"{batch_size} over {n} samples leaves a batch of {min(batch_size, n, last)}"
+            f"{batch_size} over {n} samples leaves a batch of {last}"
         )
 
 

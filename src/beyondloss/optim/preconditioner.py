@@ -254,6 +254,8 @@ class ActivationPreconditioner:
         """``{name: reason}`` of the supported layers that ``config.scope`` leaves out: the
         first (input layer) and/or the last (output head) in module order."""
         scope = self.config.scope
+        if scope == "all":
+            return {}
         supported = []
         for name, module in self.model.named_modules():
             try:
