@@ -59,7 +59,7 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
         "--lrs", "1e-3,3e-2", "--weight-decay", "0.01", "--workers", "1", "--out", "elsewhere",
         "--no-progress", "--damping", "0.01", "--damping-mode", "trace", "--cov-every", "10",
         "--inverse-every", "20", "--ema-decay", "0.9", "--transforms", "swa,ema",
-        "--transform-every", "2", "--eval-every", "3",
+        "--transform-every", "2", "--eval-every", "3", "--scope", "hidden", "--ddp", "2",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     [(spec, progress, command)] = specs
@@ -76,18 +76,21 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
             "cov_every": 10,
             "inverse_every": 20,
             "ema_decay": 0.9,
+            "scope": "hidden",
         },
         transforms=("swa", "ema"),
         transform_every=2,
         eval_every=3,
         workers=1,
         out=Path("elsewhere"),
+        ddp=2,
     )
+    assert "-hidden-" in spec.run_id("dopr-sgd", 1e-3, 0)
     assert not progress
     assert command == "beyondloss ttf lorenz --size full --optimizers 'sgd, dopr-sgd' " + (
         "--seeds 2 --lrs 1e-3,3e-2 --weight-decay 0.01 --workers 1 --out elsewhere --no-progress "
         "--damping 0.01 --damping-mode trace --cov-every 10 --inverse-every 20 --ema-decay 0.9 "
-        "--transforms swa,ema --transform-every 2 --eval-every 3"
+        "--transforms swa,ema --transform-every 2 --eval-every 3 --scope hidden --ddp 2"
     )
 
 
@@ -158,6 +161,8 @@ def test_ttf_all_validates_every_spec_before_training(
         (["ttf", "lorenz", "--seeds", "0"], "--seeds: must be at least 1"),
         (["ttf", "lorenz", "--seeds", "2.5"], "--seeds: not an integer"),
         (["ttf", "lorenz", "--workers", "0"], "--workers: must be at least 1"),
+        (["ttf", "lorenz", "--ddp", "0"], "--ddp: must be at least 1"),
+        (["ttf", "lorenz", "--scope", "middle"], "invalid choice: 'middle'"),
         (["ttf", "lorenz", "--weight-decay", "-1"], "--weight-decay: must be finite and >= 0"),
         (["ttf", "lorenz", "--bogus"], "unrecognized arguments: --bogus"),
         (["ttf", "lorenz", "--cov-every", "0"], "dopr cov_every must be an integer >= 1"),

@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 
 from beyondloss.study import StudySpec, run_study  # noqa: E402
 from beyondloss.study.ray_executor import RayExecutor  # noqa: E402
+from beyondloss.study.ttf import _executor  # noqa: E402
 from beyondloss.tasks import TASKS  # noqa: E402
 from beyondloss.tasks.dynamics import Lorenz63Task, LorenzConfig  # noqa: E402
 
@@ -95,6 +96,9 @@ def test_results_come_back_in_call_order_and_failures_are_named(cluster: RayExec
     assert time.monotonic() - began < 30
     with pytest.raises(ValueError, match="cpus_per_run must be >= 1"):
         RayExecutor(cpus_per_run=0)
+    # A DDP run's task asks Ray for one CPU per rank.
+    ddp_spec = StudySpec("lorenz", executor="ray", ddp=2)
+    assert _executor(ddp_spec, 3).cpus_per_run == 2
     with pytest.raises(ValueError, match="unknown executor 'dask'"):
         StudySpec("lorenz", executor="dask")
 
