@@ -13,7 +13,9 @@ update and the forward passes of the base and the SWA model over val and test. T
 the floor alternate on the same model, epoch after epoch; the figure is the ratio of their
 median per-epoch CPU times of this process (``time.process_time``, one thread), so that other
 work on the machine does not stretch one side more than the other; the ratio of the fastest
-epochs is printed too, as the figure least disturbed by a busy machine.
+epochs is printed too, as the figure least disturbed by a busy machine, and so is the median of
+the per-epoch ratios (tracker and floor of the same epoch, run back to back), which a slow drift
+of the machine's load moves least.
 """
 
 from __future__ import annotations
@@ -101,6 +103,12 @@ def main() -> None:
             f"per epoch, {name} of {10 * args.epochs}: tracker {1e3 * update:.2f} ms, floor "
             f"(SWA update + 4 forward passes) {1e3 * floor:.2f} ms, ratio {update / floor:.3f}"
         )
+    paired = [t / f for t, f in zip(times["tracker"], times["floor"], strict=True)]
+    low, high = (statistics.quantiles(paired, n=4)[i] for i in (0, 2))
+    print(
+        f"per epoch, paired: median of the {len(paired)} tracker/floor ratios of the same epoch "
+        f"{statistics.median(paired):.3f} (quartiles {low:.3f}, {high:.3f})"
+    )
 
 
 if __name__ == "__main__":
