@@ -7,6 +7,7 @@ study uses (base + SWA from epoch 1, logits of val and test stored per epoch). R
 is (tracked − plain) / plain of the median round.
 
     python benchmarks/tracker_overhead.py            # the figures in docs/posthoc.md
+    python benchmarks/tracker_overhead.py --parts --epochs 40   # each part of an update
 
 It also measures the tracker against its floor, the work it cannot avoid: per epoch, the SWA
 update and the forward passes of the base and the SWA model over val and test. The tracker and
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -80,12 +83,51 @@ def floor_times(epochs: int) -> dict[str, list[float]]:
     return times
 
 
+def part_times(epochs: int) -> dict[str, list[float]]:
+    """Per-epoch CPU seconds of each part of ``PosthocTracker.update`` inside the epoch loop:
+    the SWA update, the forwards of one model over val and test (``_predict``, twice an
+    epoch), the float16 bookkeeping (``append``) and the metrics (``metrics_at``)."""
+    data = DIGITS.build(0.4, "symmetric")
+    torch.manual_seed(0)
+    model = DIGITS.make_model(data.n_features, data.n_classes)
+    tracker = PosthocTracker(data.val, data.test, swa_start=1)
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, work: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            began = time.process_time()
+            result = work(*args)
+            times.setdefault(name, []).append(time.process_time() - began)
+            return result
+
+        return run
+
+    tracker.averages["swa"].update = timed("SWA update", tracker.averages["swa"].update)
+    tracker._predict = timed("forwards of one model (_predict)", tracker._predict)
+    tracker.log.append = timed("float16 bookkeeping (append)", tracker.log.append)
+    tracker.log.metrics_at = timed("metrics (metrics_at)", tracker.log.metrics_at)
+    update = timed("whole update", tracker.update)
+    for epoch in range(1, epochs + 1):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter), alpha=1e-3)
+        update(model, epoch)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10, help="epochs per timed round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--parts", action="store_true", help="only time each part of the tracker's update"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.parts:
+        for name, seconds in part_times(10 * args.epochs).items():
+            print(f"{name}: median {1e3 * statistics.median(seconds):.2f} ms")
+        return
     plain, tracked = [], []
     for _ in range(args.rounds):
         plain.append(one_round(False, args.epochs))

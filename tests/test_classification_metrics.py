@@ -93,3 +93,24 @@ def test_stacked_metrics_equal_the_single_pair_metrics() -> None:
         stacked_classification_metrics(scores, labels[:2])
     with pytest.raises(ValueError, match="labels must have shape"):
         stacked_classification_metrics(scores[:1], labels[1:2])
+
+
+def test_a_stacked_layout_is_reused_across_calls() -> None:
+    """One layout (two score tensors, three pairs: the first scored against two label sets)
+    gives the single-pair metrics for every new set of logits, the way the tracker calls it
+    once per epoch."""
+    from beyondloss.metrics.classification import StackedMetrics
+
+    generator = torch.Generator().manual_seed(5)
+    labels = [torch.randint(0, 4, (n,), generator=generator) for n in (30, 30, 9)]
+    layout = StackedMetrics([30, 9], [0, 0, 1], labels)
+    for _ in range(3):
+        scores = [(4 * torch.randn(n, 4, generator=generator)).half() for n in (30, 9)]
+        values = layout(scores)
+        for k, (position, y) in enumerate(zip([0, 0, 1], labels, strict=True)):
+            expected = classification_metrics(scores[position], y)
+            assert values[k] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="rows"):
+        layout([scores[1], scores[0]])
+    with pytest.raises(ValueError, match="as many entries"):
+        StackedMetrics([30, 9], [0, 1], [labels[0], labels[0]])

@@ -75,6 +75,19 @@ def test_tracker_in_a_plain_loop_logs_logits_and_averages(tmp_path: Path) -> Non
     assert torch.equal(log.logits("ema0.5", "test"), tracker.logits("ema0.5", "test"))
     assert torch.equal(log.labels("val", clean=True), tracker.splits["val"].clean_labels)
     assert log.metrics("base", "val")["nll"][-1] == pytest.approx(metrics["base/val_nll"])
+    # Every returned metric is the single-pair metric of the stored logits (the stacked pass
+    # reuses one layout of kinds × splits × label sets from epoch to epoch).
+    for index, epoch in enumerate(log.epochs):
+        returned = log.metrics_at(index)
+        assert len(returned) == 4 * (len(log.kinds) * 3)  # val noisy + val clean + test
+        for kind in log.kinds:
+            for split, clean in (("val", False), ("val", True), ("test", False)):
+                curve = log.metrics(kind, split, clean=clean)
+                name = f"{kind}/{split}{'_clean' if clean else ''}"
+                for metric, values in curve.items():
+                    assert returned[f"{name}_{metric}"] == pytest.approx(values[index], rel=1e-12)
+        if epoch == 4:
+            assert returned == pytest.approx(metrics, rel=1e-15)
     with pytest.raises(ValueError, match="already tracked"):
         tracker.update(model, 4)
 

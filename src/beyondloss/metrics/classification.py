@@ -117,15 +117,18 @@ def _numpy(scores: Tensor) -> np.ndarray:
     return scores.cpu().numpy()
 
 
-def stacked_classification_metrics(
-    scores: Sequence[Tensor], labels: Sequence[Tensor], n_bins: int = ECE_BINS
-) -> list[dict[str, float]]:
-    """``[classification_metrics(scores[k], labels[k]) for k]`` from logits, in one pass.
+class StackedMetrics:
+    """Every metric of many (logits, labels) pairs in one pass, for pairs that keep their shapes
+    and labels from call to call (the tracker's models × splits × label sets, every epoch).
 
-    The distinct score tensors (by identity: the same tensor scored against noisy and clean
-    labels is one) are concatenated class-major into one float64 array ``x`` of shape
-    ``(C, Σ N_u)``. With the row maximum ``m_i = max_c x_ci`` at class ``ĉ_i`` and
-    ``e_ci = exp(x_ci − m_i)``, ``s_i = Σ_c e_ci``:
+    Pair ``k`` scores the ``pair_scores[k]``-th score tensor against ``labels[k]``; several pairs
+    may share a score tensor (noisy and clean labels of one split). Everything that depends only
+    on that layout — which rows of the stacked batch each pair reads, its labels, its segment —
+    is computed once here; a call then does only the arithmetic on the new logits.
+
+    The distinct score tensors are concatenated class-major into one float64 array ``x`` of
+    shape ``(C, M)``. With the column maximum ``m_i = max_c x_ci`` at class ``ĉ_i``,
+    ``e_ci = exp(x_ci − m_i)`` and ``s_i = Σ_c e_ci``:
 
     .. math::
 
@@ -133,49 +136,94 @@ def stacked_classification_metrics(
         \\max_c p_{ci} = p_{ĉ_i i} = 1 / s_i, \\qquad
         \\textstyle\\sum_c p_{ci}^2 = \\sum_c e_{ci}^2 / s_i^2,
 
-    so one ``exp`` over the batch and a few row reductions give every metric; the probabilities
-    themselves are never formed. Each pair ``k`` reads the entries of its labels from that batch
-    and its per-pair sums are segment sums (``np.bincount`` with weights). The arithmetic is
-    NumPy's: these are a few dozen operations on arrays of some ten thousand entries, where a
-    tensor library's per-operation dispatch, not the arithmetic, would dominate (this runs once
-    per epoch per tracked model in :class:`~beyondloss.posthoc.tracker.PosthocTracker`). Values
-    equal the single-pair functions up to float64 rounding (Brier uses ``Σ_c p² − 2 p_y + 1``).
+    so one ``exp`` over the batch and a few column reductions give every metric; the
+    probabilities themselves are never formed. Per-pair sums are sums over contiguous segments
+    (``np.add.reduceat``), ECE's per-bin gaps one ``np.bincount``. The arithmetic is NumPy's:
+    a few dozen operations on arrays of some ten thousand entries, where a tensor library's
+    per-operation dispatch, not the arithmetic, would dominate. Values equal the single-pair
+    functions up to float64 rounding (Brier uses ``Σ_c p² − 2 p_y + 1``).
+
+    Parameters
+    ----------
+    score_rows:
+        Rows ``N_u`` of each distinct score tensor, in the order the call passes them.
+    pair_scores:
+        For each pair, the index of its score tensor in ``score_rows``.
+    labels:
+        For each pair, its integer labels ``(N_u,)``.
+    n_bins:
+        ECE bins (:func:`ece`).
     """
+
+    def __init__(
+        self,
+        score_rows: Sequence[int],
+        pair_scores: Sequence[int],
+        labels: Sequence[Tensor],
+        n_bins: int = ECE_BINS,
+    ) -> None:
+        if len(pair_scores) != len(labels) or not labels:
+            raise ValueError(f"need as many label sets as pairs (>= 1), got {len(labels)}")
+        if n_bins < 1:
+            raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+        offsets = np.cumsum([0, *score_rows])
+        sizes = np.array([score_rows[u] for u in pair_scores])
+        self.score_rows = tuple(int(n) for n in score_rows)
+        self.n_bins = n_bins
+        self.rows = np.concatenate([offsets[u] + np.arange(score_rows[u]) for u in pair_scores])
+        self.labels = np.concatenate([_numpy(y).astype(np.int64, copy=False) for y in labels])
+        if self.labels.shape != self.rows.shape:
+            raise ValueError("each pair's labels must have as many entries as its scores' rows")
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.sizes = sizes.astype(np.float64)
+        segment = np.repeat(np.arange(len(sizes)), sizes)
+        self.bin_base = segment * n_bins
+        self.n_pairs = len(sizes)
+
+    def __call__(self, scores: Sequence[Tensor]) -> list[dict[str, float]]:
+        """Metrics ``{"error", "nll", "ece", "brier"}`` of every pair, for the distinct score
+        tensors ``scores`` (logits, shapes ``(N_u, C)`` as in ``score_rows``)."""
+        if tuple(z.shape[0] for z in scores) != self.score_rows:
+            raise ValueError(f"expected score tensors of {self.score_rows} rows")
+        x = np.concatenate([_numpy(z) for z in scores], dtype=np.float64).T.copy()  # (C, M)
+        shifted = x - x.max(axis=0)
+        e = np.exp(shifted)
+        s = e.sum(axis=0)
+        rows, y = self.rows, self.labels
+        log_p_label = shifted.reshape(-1)[y * x.shape[1] + rows] - np.log(s)[rows]
+        confidence = 1.0 / s[rows]
+        correct = (x.argmax(axis=0)[rows] == y).astype(np.float64)
+        square_sum = np.einsum("cm,cm->m", e, e)[rows] * np.square(confidence)
+        per_sample = np.stack(
+            [1.0 - correct, -log_p_label, square_sum - 2.0 * np.exp(log_p_label) + 1.0]
+        )
+        sums = np.add.reduceat(per_sample, self.starts, axis=1)
+        n_bins = self.n_bins
+        bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+        gap = np.bincount(self.bin_base + bins, correct - confidence, self.n_pairs * n_bins)
+        calibration = np.abs(gap.reshape(self.n_pairs, n_bins)).sum(axis=1)
+        table = np.vstack([sums, calibration]) / self.sizes
+        return [
+            {"error": error, "nll": loss, "ece": ece_value, "brier": brier_score}
+            for error, loss, brier_score, ece_value in table.T.tolist()
+        ]
+
+
+def stacked_classification_metrics(
+    scores: Sequence[Tensor], labels: Sequence[Tensor], n_bins: int = ECE_BINS
+) -> list[dict[str, float]]:
+    """``[classification_metrics(scores[k], labels[k]) for k]`` from logits, in one pass
+    (:class:`StackedMetrics`). The distinct score tensors, by identity, are softmaxed once: the
+    same tensor scored against noisy and clean labels is one."""
     if len(scores) != len(labels) or not scores:
         raise ValueError(f"need as many label sets as score sets (>= 1), got {len(labels)}")
     for z, y in zip(scores, labels, strict=True):
         _check(z, y)
-    distinct: dict[int, int] = {}
+    index: dict[int, int] = {}
     for z in scores:
-        distinct.setdefault(id(z), len(distinct))
+        index.setdefault(id(z), len(index))
     unique = list({id(z): z for z in scores}.values())
-    offsets = np.cumsum([0] + [z.shape[0] for z in unique])
-    rows = np.concatenate([offsets[distinct[id(z)]] + np.arange(z.shape[0]) for z in scores])
-    sizes = np.array([z.shape[0] for z in scores])
-    n_pairs = len(scores)
-    segment = np.repeat(np.arange(n_pairs), sizes)
-    y = np.concatenate([_numpy(t).astype(np.int64, copy=False) for t in labels])
-    x = np.concatenate([_numpy(u) for u in unique], dtype=np.float64).T.copy()  # (C, M)
-    shifted = x - x.max(axis=0)
-    e = np.exp(shifted)
-    s = e.sum(axis=0)
-    log_p_label = shifted[y, rows] - np.log(s)[rows]
-    confidence = 1.0 / s[rows]
-    correct = (x.argmax(axis=0)[rows] == y).astype(np.float64)
-    square_sum = np.einsum("cm,cm->m", e, e)[rows] * np.square(confidence)
-    per_pair = [
-        np.bincount(segment, weights, n_pairs)
-        for weights in (
-            1.0 - correct,
-            -log_p_label,
-            square_sum - 2.0 * np.exp(log_p_label) + 1.0,
-        )
-    ]
-    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    gap = np.bincount(segment * n_bins + bins, correct - confidence, n_pairs * n_bins)
-    per_pair.append(np.abs(gap.reshape(n_pairs, n_bins)).sum(axis=1))
-    table = np.stack(per_pair, axis=1) / sizes[:, None]
-    return [
-        {"error": error, "nll": loss, "ece": calibration, "brier": brier_score}
-        for error, loss, brier_score, calibration in table.tolist()
-    ]
+    layout = StackedMetrics(
+        [z.shape[0] for z in unique], [index[id(z)] for z in scores], labels, n_bins
+    )
+    return layout(unique)

@@ -38,10 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from beyondloss.metrics.classification import (
-    classification_metrics,
-    stacked_classification_metrics,
-)
+from beyondloss.metrics.classification import StackedMetrics, classification_metrics
 from beyondloss.posthoc.averaging import EMA, SWA, WeightAverage
 
 SPLITS = ("val", "test")
@@ -104,6 +101,7 @@ class PosthocLog:
         self._logits: dict[tuple[str, str], list[Tensor]] = {
             (k, s): [] for k in self.kinds for s in self.splits
         }
+        self._stacked: tuple[list[str], StackedMetrics] | None = None
 
     def append(self, epoch: int, logits: Mapping[tuple[str, str], Tensor]) -> None:
         """Add one epoch: ``logits[(kind, split)]`` is ``(N_split, C)``, stored as float16."""
@@ -150,15 +148,21 @@ class PosthocLog:
         """Untransformed metrics of every kind at the ``index``-th logged epoch, keyed
         ``"{kind}/{split}_{metric}"`` and, with clean labels, ``"{kind}/{split}_clean_{metric}"``.
         """
-        pairs = [
-            (f"{kind}/{split}{suffix}", stored[index], self.labels(split, clean))
-            for (kind, split), stored in self._logits.items()
-            for suffix, clean in [("", False), ("_clean", True)][: 1 + self.has_clean(split)]
-        ]
-        values = stacked_classification_metrics([z for _, z, _ in pairs], [y for *_, y in pairs])
+        if self._stacked is None:  # the pairs' layout never changes: build it once
+            keys = list(self._logits)
+            pairs = [
+                (f"{kind}/{split}{suffix}", position, self.labels(split, clean))
+                for position, (kind, split) in enumerate(keys)
+                for suffix, clean in [("", False), ("_clean", True)][: 1 + self.has_clean(split)]
+            ]
+            rows = [self._labels[split].shape[0] for _, split in keys]
+            layout = StackedMetrics(rows, [p for _, p, _ in pairs], [y for *_, y in pairs])
+            self._stacked = ([name for name, _, _ in pairs], layout)
+        names, layout = self._stacked
+        values = layout([stored[index] for stored in self._logits.values()])
         return {
             f"{prefix}_{metric}": value
-            for (prefix, _, _), metrics in zip(pairs, values, strict=True)
+            for prefix, metrics in zip(names, values, strict=True)
             for metric, value in metrics.items()
         }
 
