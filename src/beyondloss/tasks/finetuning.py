@@ -16,7 +16,7 @@ and every optimizer and seed fine-tunes from the same weights (seeds vary the da
 
 Fine-tuning. An instance is an instruction of :data:`beyondloss.tasks.text.INSTRUCTIONS` (uniform)
 and an argument of ``n`` symbols (``n`` uniform in ``[min_length, max_length]``): the sequence
-``keyword argument SEP answer EOS``, e.g. ``srt:dbca\\n`` then ``abcd EOS``. The loss is the
+``verb argument SEP answer EOS``, e.g. ``sort dbca\\n`` then ``abcd EOS``. The loss is the
 next-token cross-entropy over the answer tokens and ``EOS`` only,
 
 .. math::
@@ -62,7 +62,6 @@ from beyondloss.tasks.sequences import (
 )
 from beyondloss.tasks.text import (
     INSTRUCTIONS,
-    PROMPT_OVERHEAD,
     VOCABULARY,
     corpus,
     encode,
@@ -165,11 +164,11 @@ class FinetuningConfig:
 
     @property
     def block_size(self) -> int:
-        """Longest model input: an instruction's ``prompt answer`` at ``max_length``, or a corpus
-        line (four longest words, or the longest statement)."""
+        """Longest model input: an instruction's ``verb argument SEP answer`` at ``max_length``,
+        or a corpus line (four longest words, or the longest statement)."""
         word = self.max_word_length
-        phrase = max(len(instruction.phrase) for instruction in INSTRUCTIONS.values())
-        return max(PROMPT_OVERHEAD + 2 * self.max_length, 4 * word + 4, 2 * word + phrase + 6)
+        verb = max(len(instruction.verb) for instruction in INSTRUCTIONS.values())
+        return max(verb + 2 + 2 * self.max_length, 4 * word + 4, verb + 2 * word + 6)
 
     @classmethod
     def quick(cls, seed: int = 0) -> FinetuningConfig:
@@ -204,7 +203,7 @@ Key = tuple[str, int]
 
 def _instances(name: str, arguments: list[str]) -> Instances:
     """``prompt`` and ``answer EOS`` token ids of ``name`` applied to ``arguments`` (at least
-    one, all of one length ``n``): ``(m, n + 5)`` and ``(m, n + 1)`` int64."""
+    one, all of one length ``n``): ``(m, n + 2 + len(verb))`` and ``(m, n + 1)`` int64."""
     instruction = INSTRUCTIONS[name]
     context = [encode(instruction.prompt(argument)) for argument in arguments]
     target = [encode(instruction.solve(argument)) + [VOCABULARY.eos] for argument in arguments]
@@ -411,18 +410,21 @@ class FinetuningTask(ConfiguredTask):
     ) -> dict[str, float]:
         """Greedy-generation metrics of ``model`` on ``split`` ("val" or "test"); see the class
         docs. With ``primary_only`` the teacher-forced pass is skipped (no
-        ``teacher_forced_accuracy``). The instructions of one length are decoded as one batch.
+        ``teacher_forced_accuracy``). Instructions whose prompts have the same width are decoded
+        as one batch.
         Runs in eval mode under ``torch.no_grad``; the training mode is restored afterwards."""
         groups = self.eval_instances(split)
+        batches: dict[tuple[int, int], list[Key]] = {}  # (prompt width, length) → groups
+        for key, group in groups.items():
+            batches.setdefault((group.context.shape[1], key[1]), []).append(key)
         exact: dict[Key, torch.Tensor] = {}
         tokens: dict[Key, torch.Tensor] = {}
-        forced: dict[int, torch.Tensor] = {}
+        forced: dict[tuple[int, int], torch.Tensor] = {}
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                for n in self.config.lengths:
-                    keys = [(name, n) for name in INSTRUCTIONS]
+                for shape, keys in batches.items():
                     sizes = [groups[key].context.shape[0] for key in keys]
                     joined = Instances(
                         context=torch.cat([groups[key].context for key in keys]),
@@ -434,7 +436,7 @@ class FinetuningTask(ConfiguredTask):
                     ):
                         exact[key], tokens[key] = e, t
                     if scores.forced is not None:
-                        forced[n] = scores.forced
+                        forced[shape] = scores.forced
         finally:
             model.train(was_training)
         metrics = {"exact_match": pooled_mean(exact), "token_accuracy": pooled_mean(tokens)}

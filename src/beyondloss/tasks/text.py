@@ -1,35 +1,38 @@
 """Generated character-level text: the vocabulary, the instructions and the pretraining corpus of
 the fine-tuning task (:mod:`beyondloss.tasks.finetuning`).
 
-Characters (:data:`CHARS`): the 26 lowercase letters, the 10 digits, space, ``.`` and ``:``,
-then the specials of :class:`~beyondloss.tasks.sequences.Vocabulary`: ``SEP`` (written ``\\n``:
-it ends an instruction's prompt), ``EOS`` and ``PAD``.
+Characters (:data:`CHARS`): the 26 lowercase letters, the 10 digits, space and ``.``, then the
+specials of :class:`~beyondloss.tasks.sequences.Vocabulary`: ``SEP`` (written ``\\n``: it ends
+an instruction's prompt), ``EOS`` and ``PAD``.
 
 Instructions (:data:`INSTRUCTIONS`). Each maps an argument string ``x`` of ``n`` symbols to an
-answer ``y`` of ``n`` symbols:
+answer ``y`` of ``n`` symbols; its prompt is its verb, a space, ``x`` and ``SEP``
+(``"sort dbca\\n"``), and the answer follows:
 
-* ``reverse`` (prompt ``"rev:" x``, letters): ``y_k = x_{n-1-k}``. Each answer token is a fixed
-  position of the prompt, whatever was generated before: an early greedy error does not derail
-  the later tokens (the control).
-* ``sort`` (``"srt:" x``, letters): ``x`` in non-decreasing order. Each answer token is the
-  smallest prompt letter not yet emitted, counting repeats, so the decoder must read its own
-  output to know where it is: a skipped or doubled letter shifts every later token.
-* ``sums`` (``"sum:" x``, digits): running sums mod 10, ``y_k = (y_{k-1} + x_k) mod 10`` with
-  ``y_{-1} = 0``. The short way to the next token is the previous answer token plus one prompt
-  digit; a model that takes it carries an early error into every later token.
+* ``reverse`` (letters): ``y_k = x_{n-1-k}``. Each answer token is a fixed position of the
+  prompt, whatever was generated before: an early greedy error does not derail the later
+  tokens (the control).
+* ``sort`` (letters): ``x`` in non-decreasing order. Each answer token is the smallest prompt
+  letter not yet emitted, counting repeats, so the decoder must read its own output to know
+  where it is: a skipped or doubled letter shifts every later token.
+* ``sums`` (digits): running sums mod 10, ``y_k = (y_{k-1} + x_k) mod 10`` with ``y_{-1} = 0``.
+  The short way to the next token is the previous answer token plus one prompt digit; a model
+  that takes it carries an early error into every later token.
 
 Arguments are drawn i.i.d. uniformly, letters from the first ``n_letters`` of the alphabet,
 digits from ``0 .. 9``.
 
 Corpus (:func:`corpus`). Lines of plain text, each of four kinds with equal probability:
 
-* a sentence: 2–4 words of the lexicon separated by spaces, then ``.``, e.g. ``"gob kaicf ed."``;
-* one statement per instruction, ``"<x> backwards is <y>."``, ``"<x> sorted is <y>."`` for a
-  lexicon word ``x``, and ``"<x> summed is <y>."`` for a random digit string ``x``.
+* a sentence: 2–4 words of the lexicon separated by spaces, then ``.``, e.g. ``"gab kaicf ed."``;
+* one statement per instruction: its verb, the argument, ``is``, the answer and ``.``, as in
+  ``"reverse abc is cba."`` and ``"sort dbca is abcd."`` for a lexicon word, and
+  ``"sums 3141 is 3485."`` for a random digit string.
 
 The lexicon holds ``n_words`` distinct random words of 2 to ``max_word_length`` letters (from the
-same ``n_letters``); digit strings have the same lengths. The statements teach the instructions'
-skills in another surface form and on shorter arguments than fine-tuning asks for.
+same ``n_letters``); digit strings have the same lengths. The statements hold the instructions'
+skills as plain text (``" is "`` where a prompt has ``SEP``, ``"."`` where an answer has
+``EOS``), on shorter arguments than fine-tuning asks for.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 
 from beyondloss.tasks.sequences import Vocabulary
 
-CHARS = string.ascii_lowercase + string.digits + " .:"
+CHARS = string.ascii_lowercase + string.digits + " ."
 """Characters of the text, token ids ``0 .. len(CHARS) - 1`` in this order."""
 
 VOCABULARY = Vocabulary(len(CHARS))
@@ -76,33 +79,28 @@ def running_sums(digits: str) -> str:
 
 @dataclass(frozen=True)
 class Instruction:
-    """One instruction: its prompt ``keyword`` (all four characters long), the ``phrase`` the
-    corpus states it with, whether its arguments are ``letters`` or digits, and ``solve``, the
-    answer of an argument."""
+    """One instruction: the ``verb`` that starts its prompts and statements, whether its
+    arguments are ``letters`` (else digits), and ``solve``, the answer of an argument."""
 
-    keyword: str
-    phrase: str
+    verb: str
     letters: bool
     solve: Callable[[str], str]
 
     def prompt(self, argument: str) -> str:
-        """The instruction's prompt for ``argument``, ``SEP`` included: ``"rev:abc\\n"``."""
-        return f"{self.keyword}{argument}\n"
+        """The instruction's prompt for ``argument``, ``SEP`` included: ``"reverse abc\\n"``."""
+        return f"{self.verb} {argument}\n"
 
     def statement(self, argument: str) -> str:
-        """The corpus line stating the answer: ``"abc backwards is cba."``."""
-        return f"{argument} {self.phrase} is {self.solve(argument)}."
+        """The corpus line stating the answer: ``"reverse abc is cba."``."""
+        return f"{self.verb} {argument} is {self.solve(argument)}."
 
 
 INSTRUCTIONS = {
-    "reverse": Instruction("rev:", "backwards", True, lambda x: x[::-1]),
-    "sort": Instruction("srt:", "sorted", True, lambda x: "".join(sorted(x))),
-    "sums": Instruction("sum:", "summed", False, running_sums),
+    "reverse": Instruction("reverse", True, lambda x: x[::-1]),
+    "sort": Instruction("sort", True, lambda x: "".join(sorted(x))),
+    "sums": Instruction("sums", False, running_sums),
 }
 """Instruction name → :class:`Instruction` (see the module docs)."""
-
-PROMPT_OVERHEAD = 5
-"""Prompt tokens besides the argument: the four-character keyword and ``SEP``."""
 
 
 def random_strings(
