@@ -15,9 +15,10 @@ answer ``y`` of ``n`` symbols; its prompt is its verb, a space, ``x`` and ``SEP`
 * ``sort`` (letters): ``x`` in non-decreasing order. Each answer token is the smallest prompt
   letter not yet emitted, counting repeats, so the decoder must read its own output to know
   where it is: a skipped or doubled letter shifts every later token.
-* ``sums`` (digits): running sums mod 10, ``y_k = (y_{k-1} + x_k) mod 10`` with ``y_{-1} = 0``.
-  The short way to the next token is the previous answer token plus one prompt digit; a model
-  that takes it carries an early error into every later token.
+* ``parity`` (digits): running parities, ``y_k = (y_{k-1} + x_k) mod 2`` with ``y_{-1} = 0``,
+  written ``0`` or ``1``. The short way to the next token is the previous answer token and one
+  prompt digit's parity (the parity of a whole prefix is hard for attention to compute at once);
+  a model that takes it flips every later token after one wrong bit.
 
 Arguments are drawn i.i.d. uniformly, letters from the first ``n_letters`` of the alphabet,
 digits from ``0 .. 9``.
@@ -27,7 +28,7 @@ Corpus (:func:`corpus`). Lines of plain text, each of four kinds with equal prob
 * a sentence: 2–4 words of the lexicon separated by spaces, then ``.``, e.g. ``"gab kaicf ed."``;
 * one statement per instruction: its verb, the argument, ``is``, the answer and ``.``, as in
   ``"reverse abc is cba."`` and ``"sort dbca is abcd."`` for a lexicon word, and
-  ``"sums 3141 is 3485."`` for a random digit string.
+  ``"parity 3141 is 1001."`` for a random digit string.
 
 The lexicon holds ``n_words`` distinct random words of 2 to ``max_word_length`` letters (from the
 same ``n_letters``); digit strings have the same lengths. The statements hold the instructions'
@@ -68,11 +69,11 @@ def decode(ids: list[int]) -> str:
     return "".join(chars[i] for i in ids if i <= VOCABULARY.sep)
 
 
-def running_sums(digits: str) -> str:
-    """Running sums mod 10 of a digit string: ``"3141"`` → ``"3485"``."""
+def running_parity(digits: str) -> str:
+    """Parities of the running sums of a digit string: ``"3141"`` → ``"1001"``."""
     total, out = 0, []
     for digit in digits:
-        total = (total + int(digit)) % 10
+        total = (total + int(digit)) % 2
         out.append(str(total))
     return "".join(out)
 
@@ -98,7 +99,7 @@ class Instruction:
 INSTRUCTIONS = {
     "reverse": Instruction("reverse", True, lambda x: x[::-1]),
     "sort": Instruction("sort", True, lambda x: "".join(sorted(x))),
-    "sums": Instruction("sums", False, running_sums),
+    "parity": Instruction("parity", False, running_parity),
 }
 """Instruction name → :class:`Instruction` (see the module docs)."""
 
