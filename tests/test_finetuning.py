@@ -114,19 +114,17 @@ def test_data_are_reproducible_and_evaluation_instances_unseen() -> None:
             assert torch.equal(a, b)
     assert not torch.equal(first.splits().train.tensors[0], other.splits().train.tensors[0])
     assert corpus_lines(TINY) == corpus_lines(TINY) != corpus_lines(replace(TINY, seed=1))
-    held_out, instances = set(), {}
+    held_out = set()
     for split in ("val", "test"):
         groups = first.eval_instances(split)
         assert set(groups) == {(name, n) for name in INSTRUCTIONS for n in TINY.lengths}
         for (name, n), group in groups.items():
             assert group.context.shape[0] == group.target.shape[0] == TINY.n_eval_per_length
             for context, target in zip(group.context.tolist(), group.target.tolist(), strict=True):
-                assert split_prompt(context) == (name, split_prompt(context)[1])
-                argument = split_prompt(context)[1]
-                assert len(argument) == n and context[-1] == VOCABULARY.sep
+                prompted, argument = split_prompt(context)
+                assert prompted == name and len(argument) == n and context[-1] == VOCABULARY.sep
                 assert target == encode(INSTRUCTIONS[name].solve(argument)) + [VOCABULARY.eos]
                 held_out.add((name, argument))
-                instances[split, name, argument] = True
     assert len(held_out) > len(INSTRUCTIONS) * len(TINY.lengths) * TINY.n_eval_per_length
     train_inputs = first.splits().train.tensors[0]
     assert 0.9 * TINY.n_train < len(train_inputs) <= TINY.n_train
@@ -150,7 +148,8 @@ def test_loss_scores_the_answer_and_eos_only() -> None:
         assert scored == encode(INSTRUCTIONS[name].solve(argument)) + [VOCABULARY.eos]
         assert target[:sep] == [IGNORE_INDEX] * sep and target[sep] != IGNORE_INDEX
     batch = task.splits().val.tensors
-    assert task.loss(Oracle(solves=()).zero(), batch).item() == pytest.approx(math.log(VOCABULARY.size))
+    chance = math.log(VOCABULARY.size)
+    assert task.loss(Oracle(solves=()).zero(), batch).item() == pytest.approx(chance)
     assert task.loss(Oracle(), batch).item() < 1e-3
 
 
