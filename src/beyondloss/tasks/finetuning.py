@@ -201,6 +201,15 @@ class FinetuningConfig:
 Key = tuple[str, int]
 """An instance group: (instruction name, argument length)."""
 
+STREAMS = ("train", "val", "test", "corpus")
+"""The independent random streams of the data, spawned from the seed in this order."""
+
+
+def _rng(config: FinetuningConfig, stream: str) -> np.random.Generator:
+    """The generator of one of :data:`STREAMS`."""
+    spawned = np.random.SeedSequence(config.seed).spawn(len(STREAMS))
+    return np.random.default_rng(spawned[STREAMS.index(stream)])
+
 
 def _instances(name: str, arguments: list[str]) -> Instances:
     """``prompt`` and ``answer EOS`` token ids of ``name`` applied to ``arguments`` (at least
@@ -216,10 +225,9 @@ def _instances(name: str, arguments: list[str]) -> Instances:
 
 def _eval_arguments(config: FinetuningConfig) -> dict[str, dict[Key, list[str]]]:
     """Split ("val", "test") → (instruction, length) → ``n_eval_per_length`` arguments."""
-    streams = np.random.SeedSequence(config.seed).spawn(4)[1:3]
     arguments: dict[str, dict[Key, list[str]]] = {}
-    for split, stream in zip(("val", "test"), streams, strict=True):
-        rng = np.random.default_rng(stream)
+    for split in ("val", "test"):
+        rng = _rng(config, split)
         arguments[split] = {
             (name, n): random_strings(
                 rng, config.n_eval_per_length, n, config.n_letters, instruction.letters
@@ -242,7 +250,7 @@ def _held_out(config: FinetuningConfig) -> set[tuple[str, str]]:
 
 def _train_arguments(config: FinetuningConfig) -> dict[Key, list[str]]:
     """(instruction, length) → training arguments, val and test ones dropped."""
-    rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(4)[0])
+    rng = _rng(config, "train")
     names = list(INSTRUCTIONS)
     drawn_names = rng.integers(0, len(names), config.n_train)
     drawn_lengths = rng.integers(config.min_length, config.max_length + 1, config.n_train)
@@ -259,7 +267,7 @@ def _train_arguments(config: FinetuningConfig) -> dict[Key, list[str]]:
 def corpus_lines(config: FinetuningConfig) -> list[str]:
     """The pretraining corpus of ``config`` (:func:`beyondloss.tasks.text.corpus`), statements
     about val and test arguments dropped."""
-    rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(4)[3])
+    rng = _rng(config, "corpus")
     words = lexicon(rng, config.n_words, config.max_word_length, config.n_letters)
     return corpus(rng, config.n_corpus, words, config.n_letters, _held_out(config))
 
