@@ -10,6 +10,7 @@ that compound along a greedy decode show up in the token accuracy.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ def exact_match(generated: Tensor, target: Tensor) -> Tensor:
     return token_matches(generated, target).all(dim=1)
 
 
-def pooled_mean(groups: Mapping[int, Tensor]) -> float:
+def pooled_mean(groups: Mapping[Any, Tensor]) -> float:
     """Mean of all values of all groups (e.g. one group per length), each value counted once.
 
     With :func:`exact_match` values it is the fraction of sequences that are right; with

@@ -1,5 +1,6 @@
 """Tasks and the registry that names them on the command line: the test-time-feedback tasks
-(rollouts) and classification under label noise (``noisy-*``, the post-hoc reversal setting:
+(rollouts; ``sft`` fine-tunes a pretrained character-level model on instructions) and
+classification under label noise (``noisy-*``, the post-hoc reversal setting:
 digits with 40 % symmetric noise, tabular with 30 % class-dependent noise).
 
 :data:`TASKS` maps a task name to a factory ``(size, data_seed) -> Task``; ``size`` is one of
@@ -14,6 +15,7 @@ from functools import partial
 
 from beyondloss.tasks.base import ClassifierTask, SelectedMetric, Splits, Task
 from beyondloss.tasks.dynamics import Lorenz63Task, Lorenz96Task, LorenzConfig
+from beyondloss.tasks.finetuning import make_finetuning_task
 from beyondloss.tasks.flow import DATASETS as FLOW_DATASETS
 from beyondloss.tasks.flow import make_flow_task
 from beyondloss.tasks.noisy_labels import make_noisy_task
@@ -64,6 +66,7 @@ TASKS: dict[str, TaskFactory] = {
     "lorenz": lorenz,
     "lorenz96": lorenz96,
     "sort": partial(make_sequence_task, problem="sort"),
+    "sft": make_finetuning_task,
     **{f"flow-{name}": partial(make_flow_task, dataset=name) for name in FLOW_DATASETS},
     "bc-pendulum": partial(behavior_cloning, env="pendulum"),
     "bc-reacher": partial(behavior_cloning, env="reacher"),

@@ -478,12 +478,7 @@ class SequenceTask(ConfiguredTask):
     def loss(self, model: nn.Module, batch: object) -> Tensor:
         """Teacher-forced cross-entropy over the batch's answer tokens and ``EOS`` (module docs);
         ``batch = (inputs, targets)``, each ``(B, W)``; returns a scalar."""
-        inputs, targets = batch
-        device = _device(model)
-        logits = model(inputs.to(device))
-        return F.cross_entropy(
-            logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=IGNORE_INDEX
-        )
+        return next_token_loss(model, batch)
 
     def evaluate(
         self, model: nn.Module, split: str = "test", primary_only: bool = False
@@ -496,24 +491,18 @@ class SequenceTask(ConfiguredTask):
         if primary_only:
             trained = set(self.config.train_lengths)
             groups = {n: group for n, group in groups.items() if n in trained}
-        device = _device(model)
-        vocabulary = self.vocabulary
         exact, tokens, forced = {}, {}, {}
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 for n, group in groups.items():
-                    context, target = group.context.to(device), group.target.to(device)
-                    generated = greedy_generate(
-                        model, context, n + 1, vocabulary.eos, vocabulary.pad
+                    scores = score_group(
+                        model, group, self.vocabulary, n <= self.config.max_length
                     )
-                    exact[n] = exact_match(generated, target)
-                    tokens[n] = token_matches(generated, target)
-                    if n <= self.config.max_length:
-                        logits = model(torch.cat([context, target[:, :-1]], dim=1))
-                        predicted = logits[:, n:].argmax(dim=-1)
-                        forced[n] = token_matches(predicted, target)
+                    exact[n], tokens[n] = scores.exact, scores.tokens
+                    if scores.forced is not None:
+                        forced[n] = scores.forced
         finally:
             model.train(was_training)
         in_distribution = self.config.train_lengths
@@ -528,6 +517,47 @@ class SequenceTask(ConfiguredTask):
             metrics["token_accuracy_ood"] = pooled_mean({n: tokens[n] for n in ood})
         metrics |= {f"exact_match@len{n}": pooled_mean({n: exact[n]}) for n in exact}
         return metrics
+
+
+def next_token_loss(model: nn.Module, batch: object) -> Tensor:
+    """Mean next-token cross-entropy over the positions whose target is not
+    :data:`IGNORE_INDEX`: ``batch = (inputs, targets)``, each ``(B, W)`` int64, ``targets[:, j]``
+    the token that should follow ``inputs[:, :j + 1]``; moves the batch to the model's device;
+    returns a scalar (nats per scored token)."""
+    inputs, targets = batch
+    device = _device(model)
+    logits = model(inputs.to(device))
+    return F.cross_entropy(
+        logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+@dataclass(frozen=True)
+class GroupScores:
+    """Position-wise scores of one :class:`Instances` group of ``m`` instances with ``L``-token
+    targets (``answer EOS``): ``exact`` ``(m,)`` and ``tokens`` ``(m, L)`` under greedy
+    decoding, ``forced`` ``(m, L)`` the argmax given the true prefix (``None`` if not asked)."""
+
+    exact: Tensor
+    tokens: Tensor
+    forced: Tensor | None
+
+
+def score_group(
+    model: nn.Module, group: Instances, vocabulary: Vocabulary, teacher_forced: bool = True
+) -> GroupScores:
+    """Decode ``group`` greedily from its contexts for as many steps as its targets have tokens
+    and score the result against the targets (:mod:`beyondloss.metrics.sequence`); with
+    ``teacher_forced``, also the argmax predictions given the true prefix. The model's mode and
+    grad state are the caller's; runs on the device of the model's first parameter."""
+    device = _device(model)
+    context, target = group.context.to(device), group.target.to(device)
+    generated = greedy_generate(model, context, target.shape[1], vocabulary.eos, vocabulary.pad)
+    forced = None
+    if teacher_forced:
+        logits = model(torch.cat([context, target[:, :-1]], dim=1))
+        forced = token_matches(logits[:, context.shape[1] - 1 :].argmax(dim=-1), target)
+    return GroupScores(exact_match(generated, target), token_matches(generated, target), forced)
 
 
 def _device(model: nn.Module) -> torch.device:
