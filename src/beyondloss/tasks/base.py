@@ -52,7 +52,8 @@ class Task(Protocol):
         ...
 
     def make_model(self) -> nn.Module:
-        """A freshly initialised model (initialisation uses the global torch RNG)."""
+        """The model a run starts from: freshly initialised (from the global torch RNG), or, for a
+        fine-tuning task, a fresh copy of the task's pretrained weights (``sft``)."""
         ...
 
     def loss(self, model: nn.Module, batch: object) -> torch.Tensor:
