@@ -24,7 +24,12 @@ from types import MappingProxyType
 
 import numpy as np
 
-EXPERT_SHA256 = MappingProxyType({})
+EXPERT_SHA256 = MappingProxyType(
+    {
+        "hopper": "3ad6a166ca7c063ef6d8605651c1b625bef755b3bbb525582f87351efb57e006",
+        "halfcheetah": "4f941a489b3ff7ef7b8ee02da261f0725699b3c0d92e0df98b9c95b46e219798",
+    }
+)
 """Expert name → SHA-256 (hex) of its committed file ``experts_data/<name>.npz``."""
 
 REGENERATE = "python experiments/train_locomotion_experts.py --env {name}"
