@@ -57,12 +57,14 @@ ends that episode as a failure.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 from torch import nn
@@ -227,6 +229,10 @@ def _concatenate(rows: list[np.ndarray], width: int) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros((0, width))
 
 
+def _warn_from_mujoco(message: str) -> None:
+    warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+
 class ControlEnv(ABC):
     """One environment of the task family: its Gymnasium id, expert and success criterion.
 
@@ -259,8 +265,18 @@ class ControlEnv(ABC):
             raise ValueError(f"horizon must be in [1, {self.max_horizon}], got {horizon}")
 
     def make(self) -> gym.Env:
-        """A fresh environment, without Gymnasium's wrappers (the horizon is the caller's)."""
-        return gym.make(self.gym_id).unwrapped
+        """A fresh environment, without Gymnasium's wrappers (the horizon is the caller's).
+
+        MuJoCo's warnings while it compiles the model (``HalfCheetah-v5``'s asset uses the
+        deprecated ``settotalmass``) become Python ``RuntimeWarning``\\ s, shown once per
+        process, instead of a line on stdout and in ``MUJOCO_LOG.TXT`` per environment.
+        """
+        previous = mujoco.get_mju_user_warning()
+        mujoco.set_mju_user_warning(_warn_from_mujoco)
+        try:
+            return gym.make(self.gym_id).unwrapped
+        finally:
+            mujoco.set_mju_user_warning(previous)
 
     @abstractmethod
     def expert(self, env: gym.Env) -> nn.Module:
@@ -534,12 +550,13 @@ QUICK: Mapping[str, Mapping[str, object]] = MappingProxyType(
             env: MappingProxyType(
                 {
                     "horizon": 300,
-                    "n_demos": 10,
+                    "n_demos": 5,
                     "n_heldout_demos": 2,
                     "n_eval_episodes": 16,
                     "demo_action_noise": demo_noise,
                     "eval_action_noise": eval_noise,
                     "epochs": 5,
+                    "batch_size": 32,
                 }
             )
             for env, demo_noise, eval_noise in (("hopper", 0.02, 0.1), ("halfcheetah", 0.01, 0.05))
@@ -587,8 +604,8 @@ FULL: Mapping[str, Mapping[str, object]] = MappingProxyType(
             env: MappingProxyType(
                 {
                     "horizon": None,
-                    "n_demos": 20,
-                    "n_heldout_demos": 5,
+                    "n_demos": 10,
+                    "n_heldout_demos": 3,
                     "n_eval_episodes": 16,
                     "demo_action_noise": demo_noise,
                     "eval_action_noise": eval_noise,
