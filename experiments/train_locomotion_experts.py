@@ -12,7 +12,7 @@ returns printed in the form of ``reference_returns`` in ``beyondloss.tasks.contr
 (horizon → (R_random, R_expert)).
 
     python experiments/train_locomotion_experts.py --env all
-    python experiments/train_locomotion_experts.py --env hopper --references-only
+    python experiments/train_locomotion_experts.py --env all --references-only --robustness
 
 Runs on one core; see docs/locomotion.md for wall times and the numbers it printed.
 """
@@ -96,6 +96,10 @@ without actuator noise, with Mania et al.'s (2018, table 9) V2-t settings for Ho
 HalfCheetah (Hopper's survival bonus 1 shifted out), then under actuator noise 0.1 (HalfCheetah
 with half the step size), so that the expert keeps its gait when deployed with noise (0.1 in
 ``bc-hopper``, 0.05 in ``bc-halfcheetah``)."""
+
+
+ROBUSTNESS_NOISE = (0.0, 0.05, 0.1, 0.2)
+"""Actuator noise levels of ``--robustness``."""
 
 
 class UniformPolicy(nn.Module):
@@ -196,6 +200,23 @@ def references(env: str, path: Path, sha256: str | None) -> None:
     print(f"{env} reference_returns = {table}")
 
 
+def robustness(env: str, path: Path) -> None:
+    """Print the expert's returns over the standard horizon at actuator noise
+    :data:`ROBUSTNESS_NOISE` (same episodes as the references)."""
+    stored = read_expert_file(path, None, env)
+    expert = LinearExpert(stored.weights, stored.obs_mean, stored.obs_std)
+    seeds = [REFERENCE_SEED + i for i in range(REFERENCE_EPISODES)]
+    horizon = ENVIRONMENTS[env].max_horizon
+    envs = environments(env, REFERENCE_EPISODES)
+    for noise in ROBUSTNESS_NOISE:
+        run = rollout(expert, envs, seeds, horizon, noise)
+        print(
+            f"{env} expert horizon {horizon} noise {noise}: return {run.returns.mean():.1f} ± "
+            f"{run.returns.std():.1f} (min {run.returns.min():.1f}), "
+            f"{np.mean(run.lengths == horizon):.2f} ran the whole horizon"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", choices=[*EXPERT_STAGES, "all"], default="all")
@@ -207,15 +228,24 @@ def main() -> None:
         action="store_true",
         help="skip training; measure the reference returns of the file in --out-dir",
     )
+    parser.add_argument(
+        "--robustness",
+        action="store_true",
+        help=f"also print the expert's returns at actuator noise {ROBUSTNESS_NOISE}",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     names = list(EXPERT_STAGES) if args.env == "all" else [args.env]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for env in names:
         if args.references_only:
-            references(env, args.out_dir / f"{env}.npz", EXPERT_SHA256.get(env))
+            path = args.out_dir / f"{env}.npz"
+            references(env, path, EXPERT_SHA256.get(env))
         else:
-            references(env, train(env, args.out_dir), None)
+            path = train(env, args.out_dir)
+            references(env, path, None)
+        if args.robustness:
+            robustness(env, path)
 
 
 if __name__ == "__main__":
