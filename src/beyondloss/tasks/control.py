@@ -83,10 +83,11 @@ near-constant demonstration features (cosines of small angles, the pendulum's co
 from being amplified without bound."""
 
 REFERENCE_EPISODES = 100
-"""Episodes behind each reference return of :class:`Locomotion`; their seeds are
-``REFERENCE_SEED + i``, outside every task's episode seeds for data seeds below 2**14."""
+"""Episodes behind each reference return of :class:`Locomotion`."""
 
 REFERENCE_SEED = 2**40
+"""Episode ``i`` of the reference returns has seed ``REFERENCE_SEED + i``: outside the episode
+seeds of every data seed below 200 000 (:func:`episode_seeds`)."""
 
 SEED_RANGE = 2**20
 """Episodes per seed range; every count of demonstrations or evaluation episodes is below it."""
