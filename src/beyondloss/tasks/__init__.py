@@ -70,6 +70,8 @@ TASKS: dict[str, TaskFactory] = {
     **{f"flow-{name}": partial(make_flow_task, dataset=name) for name in FLOW_DATASETS},
     "bc-pendulum": partial(behavior_cloning, env="pendulum"),
     "bc-reacher": partial(behavior_cloning, env="reacher"),
+    "bc-hopper": partial(behavior_cloning, env="hopper"),
+    "bc-halfcheetah": partial(behavior_cloning, env="halfcheetah"),
     "noisy-digits": partial(make_noisy_task, dataset="digits", noise=0.4, kind="symmetric"),
     "noisy-tabular": partial(make_noisy_task, dataset="tabular", noise=0.3, kind="class"),
 }

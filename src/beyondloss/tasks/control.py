@@ -14,6 +14,22 @@ never end early; **success** means the fingertip is within :data:`REACHER_SUCCES
 the target after the last step. Reward: minus the fingertip–target distance (m) minus the
 squared command norm, per step.
 
+``"hopper"`` — ``Hopper-v5`` (observation 11, action 3, 0.008 s per step, 1000 steps). The expert
+is a committed linear policy trained by Augmented Random Search
+(:class:`~beyondloss.tasks.experts.LinearExpert`, ``experiments/train_locomotion_experts.py``).
+An episode ends early when the hopper falls (the environment's health check fails); **success**
+means it never falls within the horizon. Reward: forward velocity (m/s) + 1 per step alive −
+10⁻³ times the squared command norm.
+
+``"halfcheetah"`` — ``HalfCheetah-v5`` (observation 17, action 6, 0.05 s per step, 1000 steps),
+with a linear ARS expert as Hopper's. It cannot fall, so episodes never end early and there is
+no success criterion. Reward: forward velocity (m/s) − 0.1 times the squared command norm.
+
+The locomotion tasks are ranked by the **normalized score** :math:`(R - R_{\\text{random}}) /
+(R_{\\text{expert}} - R_{\\text{random}})` (:func:`normalized_score`, the D4RL convention),
+with reference returns measured by the training script at each size's horizon and evaluation
+noise (:class:`Locomotion`): 0 is the uniform-random policy, 1 the expert.
+
 Actuator noise. Every executed action is :math:`\\mathrm{clip}(a + \\sigma\\varepsilon, -1, 1)`
 with :math:`\\varepsilon \\sim \\mathcal N(0, I)` drawn per episode from a generator seeded by the
 episode's seed, so a rollout is a deterministic function of the policy. Demonstrations are
@@ -41,19 +57,21 @@ ends that episode as a failure.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from beyondloss.tasks.base import ConfiguredTask, Splits
-from beyondloss.tasks.experts import LQRExpert, ReacherExpert
+from beyondloss.tasks.experts import LinearExpert, LQRExpert, ReacherExpert
 
 REACHER_SUCCESS_DISTANCE = 0.01
 """Largest final fingertip–target distance (m) of a successful Reacher episode; the fingertip
@@ -63,6 +81,13 @@ OBS_STD_FLOOR = 0.05
 """Smallest per-feature scale (observation units) of the policy's input standardization: keeps
 near-constant demonstration features (cosines of small angles, the pendulum's constraint force)
 from being amplified without bound."""
+
+REFERENCE_EPISODES = 100
+"""Episodes behind each reference return of :class:`Locomotion`."""
+
+REFERENCE_SEED = 2**40
+"""Episode ``i`` of the reference returns has seed ``REFERENCE_SEED + i``: outside the episode
+seeds of every data seed below 200 000 (:func:`episode_seeds`)."""
 
 SEED_RANGE = 2**20
 """Episodes per seed range; every count of demonstrations or evaluation episodes is below it."""
@@ -104,6 +129,8 @@ class Rollouts:
     ended_early:
         ``(N,)`` bool: the environment terminated the episode or the policy output a non-finite
         action (that action is not executed).
+    non_finite:
+        ``(N,)`` bool: the episode ended on a non-finite action.
     final_observations:
         Last observation of every episode, ``(N, d_obs)``.
     observations, actions:
@@ -115,6 +142,7 @@ class Rollouts:
     returns: np.ndarray
     lengths: np.ndarray
     ended_early: np.ndarray
+    non_finite: np.ndarray
     final_observations: np.ndarray
     observations: np.ndarray
     actions: np.ndarray
@@ -163,6 +191,7 @@ def rollout(
     returns = np.zeros(n)
     lengths = np.zeros(n, dtype=np.int64)
     ended = np.zeros(n, dtype=bool)
+    non_finite = np.zeros(n, dtype=bool)
     recorded_obs: list[np.ndarray] = []
     recorded_actions: list[np.ndarray] = []
     dtype = policy_dtype(policy)
@@ -174,6 +203,7 @@ def rollout(
             actions = policy(torch.as_tensor(obs[running], dtype=dtype)).double().numpy()
         finite = np.isfinite(actions).all(axis=1)
         ended[running[~finite]] = True
+        non_finite[running[~finite]] = True
         running, actions = running[finite], actions[finite]
         if record:
             recorded_obs.append(obs[running].copy())
@@ -188,6 +218,7 @@ def rollout(
         returns=returns,
         lengths=lengths,
         ended_early=ended,
+        non_finite=non_finite,
         final_observations=obs,
         observations=_concatenate(recorded_obs, obs.shape[1]),
         actions=_concatenate(recorded_actions, space.shape[0]),
@@ -197,6 +228,10 @@ def rollout(
 def _concatenate(rows: list[np.ndarray], width: int) -> np.ndarray:
     """``rows`` stacked into ``(M, width)``; ``(0, width)`` when there are none."""
     return np.concatenate(rows) if rows else np.zeros((0, width))
+
+
+def _warn_from_mujoco(message: str) -> None:
+    warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
 
 
 class ControlEnv(ABC):
@@ -211,15 +246,38 @@ class ControlEnv(ABC):
     extra_metrics:
         Environment-specific metric name → higher is better, reported beside ``return_mean``
         and ``success_rate``.
+    reports_success:
+        Whether ``success_rate`` is a metric (an environment where every episode that runs to
+        its end succeeds, such as HalfCheetah, has no use for it).
+    primary_metric:
+        The metric a study ranks by: ``success_rate`` unless the environment says otherwise.
     """
 
     gym_id: str
     max_horizon: int
     extra_metrics: Mapping[str, bool]
+    reports_success: bool = True
+    primary_metric: str = "success_rate"
+
+    def check_horizon(self, horizon: int) -> None:
+        """Raise ``ValueError`` if the metrics are undefined at ``horizon`` steps: outside
+        ``[1, max_horizon]``, and wherever the environment says so."""
+        if not 1 <= horizon <= self.max_horizon:
+            raise ValueError(f"horizon must be in [1, {self.max_horizon}], got {horizon}")
 
     def make(self) -> gym.Env:
-        """A fresh environment, without Gymnasium's wrappers (the horizon is the caller's)."""
-        return gym.make(self.gym_id).unwrapped
+        """A fresh environment, without Gymnasium's wrappers (the horizon is the caller's).
+
+        MuJoCo's warnings while it compiles the model (``HalfCheetah-v5``'s asset uses the
+        deprecated ``settotalmass``) become Python ``RuntimeWarning``\\ s, shown once per
+        process, instead of a line on stdout and in ``MUJOCO_LOG.TXT`` per environment.
+        """
+        previous = mujoco.get_mju_user_warning()
+        mujoco.set_mju_user_warning(_warn_from_mujoco)
+        try:
+            return gym.make(self.gym_id).unwrapped
+        finally:
+            mujoco.set_mju_user_warning(previous)
 
     @abstractmethod
     def expert(self, env: gym.Env) -> nn.Module:
@@ -274,8 +332,109 @@ class Reacher(ControlEnv):
         return success, {"final_distance": float(distance.mean())}
 
 
+def normalized_score(returns: np.ndarray, random_return: float, expert_return: float) -> np.ndarray:
+    """:math:`(R - R_{\\text{random}}) / (R_{\\text{expert}} - R_{\\text{random}})` per episode:
+    0 scores as the uniform-random policy, 1 as the expert (the D4RL convention, unscaled)."""
+    if not expert_return > random_return:
+        raise ValueError(
+            f"expert_return must exceed random_return, got {expert_return} <= {random_return}"
+        )
+    return (np.asarray(returns, dtype=np.float64) - random_return) / (expert_return - random_return)
+
+
+class Locomotion(ControlEnv):
+    """A MuJoCo locomotion environment cloned from a committed :class:`LinearExpert`; ranked by
+    ``normalized_score``.
+
+    Attributes
+    ----------
+    expert_name:
+        The expert's file, ``experts_data/<expert_name>.npz``.
+    reference_returns:
+        Horizon (steps) → ``(R_random, R_expert)``: mean returns of the uniform-random policy and
+        of the expert over :data:`REFERENCE_EPISODES` episodes at that horizon and at the sizes'
+        :math:`\\sigma_{\\text{eval}}` (measured by ``experiments/train_locomotion_experts.py``).
+        The normalized score is defined at these horizons only.
+    """
+
+    expert_name: str
+    reference_returns: Mapping[int, tuple[float, float]]
+    primary_metric = "normalized_score"
+
+    def expert(self, env: gym.Env) -> nn.Module:
+        """The committed :class:`LinearExpert` (its checksum verified)."""
+        return LinearExpert.load(self.expert_name)
+
+    def check_horizon(self, horizon: int) -> None:
+        """Only horizons with reference returns have a normalized score."""
+        super().check_horizon(horizon)
+        if horizon not in self.reference_returns:
+            known = ", ".join(str(h) for h in self.reference_returns)
+            raise ValueError(
+                f"{self.gym_id} has reference returns at horizons {known} only, got {horizon}"
+            )
+
+    def score(self, rollouts: Rollouts, horizon: int) -> float:
+        """Mean normalized score at ``horizon``; an episode that ended on a non-finite action
+        scores at most 0 (never better than the random policy)."""
+        self.check_horizon(horizon)
+        per_episode = normalized_score(rollouts.returns, *self.reference_returns[horizon])
+        per_episode = np.where(rollouts.non_finite, np.minimum(per_episode, 0.0), per_episode)
+        return float(per_episode.mean())
+
+
+class Hopper(Locomotion):
+    """``Hopper-v5``: success = never falls (the environment's health check holds for the
+    whole horizon).
+
+    Extra metrics ``normalized_score`` (primary) and ``episode_length``: mean steps before the
+    fall (the horizon if none).
+    """
+
+    gym_id = "Hopper-v5"
+    max_horizon = 1000
+    expert_name = "hopper"
+    extra_metrics = MappingProxyType({"normalized_score": True, "episode_length": True})
+    reference_returns = MappingProxyType({300: (18.2, 850.2), 1000: (18.2, 3209.4)})
+    """At :math:`\\sigma_{\\text{eval}} = 0.1`; the random policy falls within 300 steps."""
+
+    def outcome(self, rollouts: Rollouts, horizon: int) -> tuple[np.ndarray, dict[str, float]]:
+        """Success: the episode ran all ``horizon`` steps."""
+        success = ~rollouts.ended_early & (rollouts.lengths == horizon)
+        return success, {
+            "normalized_score": self.score(rollouts, horizon),
+            "episode_length": float(rollouts.lengths.mean()),
+        }
+
+
+class HalfCheetah(Locomotion):
+    """``HalfCheetah-v5``: it cannot fall, so there is no success criterion; only a non-finite
+    action ends an episode early.
+
+    Extra metric ``normalized_score`` (primary).
+    """
+
+    gym_id = "HalfCheetah-v5"
+    max_horizon = 1000
+    expert_name = "halfcheetah"
+    reports_success = False
+    extra_metrics = MappingProxyType({"normalized_score": True})
+    reference_returns = MappingProxyType({300: (-85.5, 1176.7), 1000: (-293.4, 4246.1)})
+    """At :math:`\\sigma_{\\text{eval}} = 0.05`."""
+
+    def outcome(self, rollouts: Rollouts, horizon: int) -> tuple[np.ndarray, dict[str, float]]:
+        """Success (not reported): the episode ran all ``horizon`` steps."""
+        success = ~rollouts.ended_early & (rollouts.lengths == horizon)
+        return success, {"normalized_score": self.score(rollouts, horizon)}
+
+
 ENVIRONMENTS: Mapping[str, ControlEnv] = MappingProxyType(
-    {"pendulum": DoublePendulum(), "reacher": Reacher()}
+    {
+        "pendulum": DoublePendulum(),
+        "reacher": Reacher(),
+        "hopper": Hopper(),
+        "halfcheetah": HalfCheetah(),
+    }
 )
 """Environment name (as in :class:`ControlConfig`) → its description."""
 
@@ -300,12 +459,14 @@ class ControlConfig:
     Attributes
     ----------
     env:
-        A key of :data:`ENVIRONMENTS`: ``"pendulum"`` or ``"reacher"``.
+        A key of :data:`ENVIRONMENTS`: ``"pendulum"``, ``"reacher"``, ``"hopper"`` or
+        ``"halfcheetah"``.
     seed:
         Data seed: it fixes every episode (see :func:`episode_seeds`).
     horizon:
         Steps per episode, demonstrations and evaluation alike; ``None`` for the environment's
-        standard length (1000 pendulum, 50 reacher).
+        standard length (1000 pendulum, hopper and halfcheetah, 50 reacher). The locomotion
+        environments accept only the horizons of their reference returns (300 and 1000).
     n_demos:
         Training demonstration episodes.
     n_heldout_demos:
@@ -353,6 +514,7 @@ class ControlConfig:
         limit = ENVIRONMENTS[self.env].max_horizon
         if self.horizon is not None and not 1 <= self.horizon <= limit:
             raise ValueError(f"horizon must be in [1, {limit}] for {self.env}, got {self.horizon}")
+        ENVIRONMENTS[self.env].check_horizon(self.episode_steps)
 
     @property
     def episode_steps(self) -> int:
@@ -385,6 +547,21 @@ QUICK: Mapping[str, Mapping[str, object]] = MappingProxyType(
                 "epochs": 10,
             }
         ),
+        **{
+            env: MappingProxyType(
+                {
+                    "horizon": 300,
+                    "n_demos": 5,
+                    "n_heldout_demos": 2,
+                    "n_eval_episodes": 16,
+                    "demo_action_noise": demo_noise,
+                    "eval_action_noise": eval_noise,
+                    "epochs": 5,
+                    "batch_size": 32,
+                }
+            )
+            for env, demo_noise, eval_noise in (("hopper", 0.02, 0.1), ("halfcheetah", 0.01, 0.05))
+        },
     }
 )
 """Per-environment overrides of :class:`ControlConfig`'s defaults at the quick size.
@@ -400,6 +577,12 @@ QUICK: Mapping[str, Mapping[str, object]] = MappingProxyType(
   0.05`, where the expert succeeds in 98 of 100 episodes; success needs the fingertip within
   1 cm, which a cloned policy reaches only with a precise fit. 50 evaluation episodes per split,
   10 epochs of 94 steps.
+- ``hopper``, ``halfcheetah`` — 300-step episodes (a reference horizon), 5 demonstrations
+  (1500 pairs) at :math:`\\sigma_{\\text{demo}} = 0.02` (hopper) and 0.01 (halfcheetah),
+  deployment at five times that, :math:`\\sigma_{\\text{eval}} = 0.1` and 0.05, where the
+  expert keeps its gait (hopper: no fall in 100 of 100 1000-step episodes; see
+  ``docs/locomotion.md``). 16 evaluation episodes per split, 5 epochs of 47 steps of batch 32.
+  A run takes about 6 s (hopper) and 4 s (halfcheetah) on one thread, rollouts included.
 """
 
 FULL: Mapping[str, Mapping[str, object]] = MappingProxyType(
@@ -424,6 +607,20 @@ FULL: Mapping[str, Mapping[str, object]] = MappingProxyType(
                 "epochs": 15,
             }
         ),
+        **{
+            env: MappingProxyType(
+                {
+                    "horizon": None,
+                    "n_demos": 10,
+                    "n_heldout_demos": 3,
+                    "n_eval_episodes": 16,
+                    "demo_action_noise": demo_noise,
+                    "eval_action_noise": eval_noise,
+                    "epochs": 8,
+                }
+            )
+            for env, demo_noise, eval_noise in (("hopper", 0.02, 0.1), ("halfcheetah", 0.01, 0.05))
+        },
     }
 )
 """Per-environment overrides of :class:`ControlConfig`'s defaults at the full size.
@@ -435,6 +632,9 @@ FULL: Mapping[str, Mapping[str, object]] = MappingProxyType(
   costs 1000 steps), 10 epochs of 157 steps.
 - ``reacher`` — 150 demonstrations (7500 pairs), 100 evaluation episodes per split, 15 epochs of
   118 steps; noise as at the quick size.
+- ``hopper``, ``halfcheetah`` — the standard 1000-step episodes, 10 demonstrations (10 000
+  pairs), 16 evaluation episodes per split, 8 epochs of 157 steps; noise as at the quick size.
+  The rollouts dominate: a run takes about 21 s (hopper) and 13 s (halfcheetah) on one thread.
 """
 
 
@@ -542,23 +742,27 @@ def generate_demonstrations(config: ControlConfig) -> Demonstrations:
 
 
 class BehaviorCloningTask(ConfiguredTask):
-    """Behavior cloning of a hand-built expert in a MuJoCo environment (see module docs).
+    """Behavior cloning of an expert in a MuJoCo environment (see module docs).
 
     Metrics of :meth:`evaluate` over the split's evaluation episodes:
 
-    - ``success_rate``: fraction of successful episodes (per-environment criterion) — primary;
+    - ``success_rate``: fraction of successful episodes (per-environment criterion; not on
+      HalfCheetah) — primary on pendulum and reacher;
     - ``return_mean``: mean undiscounted return;
-    - the environment's extra metrics (``episode_length`` or ``final_distance``).
-    """
+    - the environment's extra metrics (``episode_length``, ``final_distance`` or
+      ``normalized_score``, primary on hopper and halfcheetah).
 
-    primary_metric = "success_rate"
+    :attr:`primary_metric` is the environment's (:attr:`ControlEnv.primary_metric`).
+    """
 
     def __init__(self, config: ControlConfig | None = None) -> None:
         self.config = ControlConfig.quick() if config is None else config
         self.environment = ENVIRONMENTS[self.config.env]
         self.name = f"bc-{self.config.env}"
+        self.primary_metric = self.environment.primary_metric
+        success = {"success_rate": True} if self.environment.reports_success else {}
         self.higher_is_better = MappingProxyType(
-            {"success_rate": True, "return_mean": True} | dict(self.environment.extra_metrics)
+            success | {"return_mean": True} | dict(self.environment.extra_metrics)
         )
 
     def splits(self) -> Splits:
@@ -606,10 +810,11 @@ class BehaviorCloningTask(ConfiguredTask):
         finally:
             model.train(was_training)
         success, extra = self.environment.outcome(result, config.episode_steps)
-        return {
+        metrics = {
             "success_rate": float(success.mean()),
             "return_mean": float(result.returns.mean()),
         } | extra
+        return {name: metrics[name] for name in self.higher_is_better}
 
 
 def make_control_task(size: str, data_seed: int, env: str) -> BehaviorCloningTask:

@@ -1,4 +1,5 @@
-"""Hand-built experts for the MuJoCo behavior-cloning tasks: LQR and inverse kinematics + PD.
+"""Experts for the MuJoCo behavior-cloning tasks: LQR, inverse kinematics + PD, and trained
+linear locomotion policies.
 
 Every expert is an ``nn.Module`` mapping a batch of Gymnasium observations ``(B, d_obs)`` to
 actions ``(B, d_act)`` inside the action box ``[-1, 1]^{d_act}``, so it is rolled out exactly
@@ -14,6 +15,12 @@ the discrete algebraic Riccati equation, giving :math:`u = \\mathrm{clip}(-Ks, -
 :class:`ReacherExpert` — ``Reacher-v5``. Closed-form inverse kinematics of the planar two-link
 arm gives the joint angles that put the fingertip on the target; a joint-space PD law drives
 the arm there, :math:`u = \\mathrm{clip}(k_p (q^* - q) - k_d \\dot q, -1, 1)`.
+
+:class:`LinearExpert` — ``Hopper-v5`` and ``HalfCheetah-v5``. No closed-form controller walks,
+so these experts are linear policies :math:`u = \\mathrm{clip}(M (o - \\mu) / \\sigma, -1, 1)`
+trained by Augmented Random Search (:mod:`beyondloss.tasks.ars`) with
+``experiments/train_locomotion_experts.py``; their arrays are committed with the package and
+checksum-verified on load (:mod:`beyondloss.tasks.expert_files`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch import nn
+
+from beyondloss.tasks.expert_files import ExpertFile, load_expert
 
 PENDULUM_LQR_Q = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 """Diagonal of the LQR state cost on :math:`(x, \\theta_1, \\theta_2, \\dot x, \\dot\\theta_1,
@@ -245,3 +254,33 @@ class ReacherExpert(nn.Module):
         error = torch.stack((wrap_angle(shoulder_goal - shoulder), elbow_goal - elbow), dim=1)
         kp, kd = self.gains
         return (kp * error - kd * obs[:, 6:8]).clamp(-1.0, 1.0)
+
+
+class LinearExpert(nn.Module):
+    """Linear policy :math:`u = \\mathrm{clip}(M (o - \\mu) / \\sigma, -1, 1)` (see module docs).
+
+    Parameters
+    ----------
+    weights:
+        :math:`M`, shape ``(d_act, d_obs)`` (command units per standardized observation unit).
+    obs_mean, obs_std:
+        :math:`\\mu` and :math:`\\sigma > 0`, shape ``(d_obs,)``, in observation units.
+    """
+
+    def __init__(self, weights: np.ndarray, obs_mean: np.ndarray, obs_std: np.ndarray) -> None:
+        super().__init__()
+        checked = ExpertFile(weights, obs_mean, obs_std, metadata={})
+        for name in ("weights", "obs_mean", "obs_std"):
+            array = np.asarray(getattr(checked, name), dtype=np.float64)
+            self.register_buffer(name, torch.from_numpy(array.copy()))
+
+    @classmethod
+    def load(cls, name: str) -> LinearExpert:
+        """The committed expert ``name`` (``"hopper"``, ``"halfcheetah"``), checksum verified."""
+        stored = load_expert(name)
+        return cls(stored.weights, stored.obs_mean, stored.obs_std)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        """Commands ``(B, d_act)`` in ``[-1, 1]`` for observations ``(B, d_obs)``."""
+        standardized = (observation.to(torch.float64) - self.obs_mean) / self.obs_std
+        return (standardized @ self.weights.T).clamp(-1.0, 1.0)
