@@ -2,7 +2,6 @@
 deterministic pretraining, copies of the pretrained model, greedy-generation metrics."""
 
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -42,14 +41,6 @@ TINY = FinetuningConfig(
     epochs=1,
     batch_size=32,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def split_prompt(tokens: list[int]) -> tuple[str, str]:

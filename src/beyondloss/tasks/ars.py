@@ -44,6 +44,8 @@ from functools import partial
 import gymnasium as gym
 import numpy as np
 
+from beyondloss.tasks.base import require_positive
+
 STD_FLOOR = 1e-6
 """Smallest observation standard deviation used to standardize (guards constant features)."""
 
@@ -88,9 +90,9 @@ class ARSConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_directions", "horizon", "max_steps", "eval_every", "eval_episodes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_positive(
+            self, ("n_directions", "horizon", "max_steps", "eval_every", "eval_episodes")
+        )
         if not 1 <= self.top_directions <= self.n_directions:
             raise ValueError(
                 f"top_directions must be in [1, n_directions={self.n_directions}], "

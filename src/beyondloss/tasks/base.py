@@ -72,6 +72,13 @@ class Task(Protocol):
         ...
 
 
+def require_positive(config: Any, names: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the first of ``config``'s integer fields ``names`` below 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+
+
 class ConfiguredTask:
     """Plumbing the tasks share: ``self.config`` (a frozen dataclass) carries the training budget
     (``epochs``, ``batch_size``), and :meth:`_data` builds the task's data from it once, on first

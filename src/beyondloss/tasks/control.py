@@ -70,7 +70,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from beyondloss.tasks.base import ConfiguredTask, Splits
+from beyondloss.tasks.base import ConfiguredTask, Splits, require_positive
 from beyondloss.tasks.experts import LinearExpert, LQRExpert, ReacherExpert
 
 REACHER_SUCCESS_DISTANCE = 0.01
@@ -504,9 +504,7 @@ class ControlConfig:
         for name in ("n_demos", "n_heldout_demos", "n_eval_episodes"):
             if not 1 <= getattr(self, name) <= SEED_RANGE:
                 raise ValueError(f"{name} must be in [1, {SEED_RANGE}], got {getattr(self, name)}")
-        for name in ("hidden", "depth", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_positive(self, ("hidden", "depth", "epochs", "batch_size"))
         for name in ("demo_action_noise", "eval_action_noise"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):

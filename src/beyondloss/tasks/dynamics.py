@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from beyondloss.metrics.rollout import normalized_rmse, valid_prediction_times
-from beyondloss.tasks.base import ConfiguredTask, Splits
+from beyondloss.tasks.base import ConfiguredTask, Splits, require_positive
 
 SIGMA = 10.0
 RHO = 28.0
@@ -246,19 +246,20 @@ class LorenzConfig:
     def __post_init__(self) -> None:
         if self.system not in SYSTEMS:
             raise ValueError(f"system must be one of {', '.join(SYSTEMS)}, got {self.system!r}")
-        for name in (
-            "substeps",
-            "n_train_trajectories",
-            "train_steps",
-            "n_rollouts",
-            "eval_pair_stride",
-            "hidden",
-            "depth",
-            "epochs",
-            "batch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_positive(
+            self,
+            (
+                "substeps",
+                "n_train_trajectories",
+                "train_steps",
+                "n_rollouts",
+                "eval_pair_stride",
+                "hidden",
+                "depth",
+                "epochs",
+                "batch_size",
+            ),
+        )
         for name in ("dt", "vpt_threshold"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

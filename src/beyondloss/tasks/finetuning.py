@@ -51,7 +51,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from beyondloss.metrics.sequence import pooled_mean
-from beyondloss.tasks.base import ConfiguredTask, Splits
+from beyondloss.tasks.base import ConfiguredTask, Splits, require_positive
 from beyondloss.tasks.sequences import (
     IGNORE_INDEX,
     DecoderTransformer,
@@ -123,21 +123,22 @@ class FinetuningConfig:
     pretrained: bool = True
 
     def __post_init__(self) -> None:
-        for name in (
-            "n_train",
-            "n_eval_per_length",
-            "n_words",
-            "n_corpus",
-            "pretrain_steps",
-            "pretrain_batch_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "epochs",
-            "batch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_positive(
+            self,
+            (
+                "n_train",
+                "n_eval_per_length",
+                "n_words",
+                "n_corpus",
+                "pretrain_steps",
+                "pretrain_batch_size",
+                "n_layer",
+                "n_head",
+                "n_embd",
+                "epochs",
+                "batch_size",
+            ),
+        )
         if not 2 <= self.n_letters <= 26:
             raise ValueError(f"n_letters must be in 2..26, got {self.n_letters}")
         if not 2 <= self.min_length <= self.max_length:

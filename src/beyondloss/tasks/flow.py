@@ -58,7 +58,7 @@ from beyondloss.metrics.distribution import (
     mmd,
     wasserstein2,
 )
-from beyondloss.tasks.base import ConfiguredTask, Splits
+from beyondloss.tasks.base import ConfiguredTask, Splits, require_positive
 
 if TYPE_CHECKING:
     from sklearn.linear_model import LogisticRegression
@@ -221,18 +221,19 @@ class FlowConfig:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {DATASETS}")
-        for name in (
-            "n_train",
-            "n_heldout",
-            "n_eval",
-            "hidden",
-            "depth",
-            "n_frequencies",
-            "epochs",
-            "batch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_positive(
+            self,
+            (
+                "n_train",
+                "n_heldout",
+                "n_eval",
+                "hidden",
+                "depth",
+                "n_frequencies",
+                "epochs",
+                "batch_size",
+            ),
+        )
         if self.n_eval < 2 or self.n_eval > self.n_heldout:
             raise ValueError(
                 f"n_eval must lie in 2..n_heldout ({self.n_heldout}), got {self.n_eval}"

@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from beyondloss.metrics.sequence import exact_match, pooled_mean, token_matches
-from beyondloss.tasks.base import ConfiguredTask, Splits
+from beyondloss.tasks.base import ConfiguredTask, Splits, require_positive
 
 PROBLEMS = ("sort", "reverse")
 """Algorithmic problems of :class:`SequenceTask` (see the module docs)."""
@@ -133,18 +133,19 @@ class SequenceConfig:
     def __post_init__(self) -> None:
         if self.problem not in PROBLEMS:
             raise ValueError(f"problem must be one of {PROBLEMS}, got {self.problem!r}")
-        for name in (
-            "min_length",
-            "n_train",
-            "n_eval_per_length",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "epochs",
-            "batch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_positive(
+            self,
+            (
+                "min_length",
+                "n_train",
+                "n_eval_per_length",
+                "n_layer",
+                "n_head",
+                "n_embd",
+                "epochs",
+                "batch_size",
+            ),
+        )
         if self.n_symbols < 2:
             raise ValueError(f"n_symbols must be at least 2, got {self.n_symbols}")
         if self.max_length < self.min_length:
