@@ -1,9 +1,10 @@
 """Why DoPr hurts behavior cloning on the pendulum: one layer along its Σ's weak directions.
 
-For the runs of a finished ``bc-pendulum``, ``bc-reacher`` or ``lorenz`` study, one learning
-rate, every seed: rebuild each optimizer's final model from its checkpoint, deploy it on the
-test split recording the inputs it meets (the states of its episodes, with the task's action
-noise; the states of its autoregressive rollouts while they stay valid), and compare, along
+For the runs of a finished behavior-cloning (``bc-*``), ``lorenz`` or ``flow-*`` study, one
+learning rate, every seed: rebuild each optimizer's final model from its checkpoint, deploy it
+on the test split recording the inputs it meets (the states of its episodes, with the task's
+action noise; the states of its autoregressive rollouts while they stay valid; the points and
+times of its Euler sampling trajectories), and compare, along
 each eigenvector u_i of one layer's training Σ = E[z zᵀ] (z the layer's input with the bias
 coordinate 1 — for the input layer the standardized observation;
 `beyondloss.optim.diagnostics.directional_profile`):
@@ -40,6 +41,7 @@ from beyondloss.study import StudySpec
 from beyondloss.study.ttf import rebuild, run_job
 from beyondloss.tasks.control import BehaviorCloningTask, environments, episode_seeds, rollout
 from beyondloss.tasks.dynamics import Lorenz63Task
+from beyondloss.tasks.flow import FlowMatchingTask, integrate
 
 AMPLIFIED = 100.0
 """AP gain above which a direction counts as amplified (the summary's subspace A)."""
@@ -47,19 +49,26 @@ AMPLIFIED = 100.0
 SENSITIVITY_SAMPLES = 4096
 """Training inputs (every k-th) over which the sensitivity is averaged."""
 
+FLOW_TRAINING_POINTS = 16384
+"""Training data points (every k-th) behind a flow's training Σ, one path point each."""
 
-def layer_inputs(model: torch.nn.Module, observations: torch.Tensor, index: int) -> torch.Tensor:
-    """The inputs of ``model.net[index]`` for ``observations``, with the bias coordinate 1
-    appended: the z of that layer's Σ, ``(n, d + 1)``."""
+
+def layer_inputs(
+    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], index: int
+) -> torch.Tensor:
+    """The inputs of ``model.net[index]`` when ``model`` is called on ``inputs`` (its arguments:
+    observations, or points and times of a flow), with the bias coordinate 1 appended: the z of
+    that layer's Σ, ``(n, d + 1)``."""
     captured: list[torch.Tensor] = []
     hook = model.net[index].register_forward_pre_hook(lambda _, args: captured.append(args[0]))
     with torch.no_grad():
-        model(observations.float())
+        model(*(tensor.float() for tensor in inputs))
     hook.remove()
     z = captured[0]
     return torch.cat([z, torch.ones(len(z), 1)], dim=1).double()
 
 
+@torch.no_grad()  # forward-mode only: no autograd graph kept per direction (it ran out of memory)
 def sensitivity(net: torch.nn.Module, z: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """Mean over the rows of ``z`` of ‖J(z) u‖ for each column u of ``directions`` (their
     input part; the bias coordinate is not an input to perturb), J = ∂net/∂z."""
@@ -72,10 +81,26 @@ def sensitivity(net: torch.nn.Module, z: torch.Tensor, directions: torch.Tensor)
     return torch.stack(out).detach()
 
 
-def deployed_states(task, model: torch.nn.Module) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The model inputs met when ``model`` is deployed on the test split: the observations of
-    its test episodes (control tasks), or the states of its autoregressive test rollouts while
-    each stays within the valid region (Lorenz: NRMSE ≤ the VPT threshold)."""
+def training_inputs(task) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]
+    """The model's arguments in training: the training observations or states; for a flow, the
+    path points x_t = (1 − t) x0 + t x1 of the training data x1 with one fixed draw of noise x0
+    and time t (the loss draws fresh ones every batch), and t."""
+    data = task.splits().train.tensors[0]
+    if isinstance(task, FlowMatchingTask):
+        generator = torch.Generator().manual_seed(0)
+        x1 = data[:: max(1, len(data) // FLOW_TRAINING_POINTS)].double()
+        x0 = torch.randn(x1.shape, generator=generator, dtype=torch.float64)
+        t = torch.rand(len(x1), generator=generator, dtype=torch.float64)
+        return ((1 - t[:, None]) * x0 + t[:, None] * x1, t)
+    return (data,)
+
+
+def deployed_inputs(task, model: torch.nn.Module) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]  # noqa: E501
+    """The model's arguments when ``model`` is deployed on the test split: the observations of
+    its test episodes (control tasks); the states of its autoregressive test rollouts while
+    each stays within the valid region (Lorenz: NRMSE ≤ the VPT threshold); the points and
+    times of its Euler sampling trajectories from the test noise, at the task's primary step
+    count (flow)."""
     config = task.config
     if isinstance(task, BehaviorCloningTask):
         seeds = episode_seeds(config.seed, "test", config.n_eval_episodes)
@@ -83,7 +108,7 @@ def deployed_states(task, model: torch.nn.Module) -> torch.Tensor:  # type: igno
         result = rollout(
             model, envs, seeds, config.episode_steps, config.eval_action_noise, record=True
         )
-        return torch.as_tensor(result.observations)
+        return (torch.as_tensor(result.observations),)
     if isinstance(task, Lorenz63Task):
         reference = task._data().rollouts["test"]
         state, states = reference[:, 0], []
@@ -96,17 +121,29 @@ def deployed_states(task, model: torch.nn.Module) -> torch.Tensor:  # type: igno
                 if not bool(valid.any()):
                     break
                 states.append(state[valid])
-        return torch.cat(states)
-    raise ValueError(f"no deployed states for task {type(task).__name__}")
+        return (torch.cat(states),)
+    if isinstance(task, FlowMatchingTask):
+        steps = int(task.primary_metric.split("@euler")[1])  # e.g. "w2@euler8"
+        points, times = [], []
+
+        def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            points.append(x)
+            times.append(t)
+            return model(x, t)
+
+        with torch.no_grad():
+            integrate(recording, task.noise("test").float(), steps, "euler")
+        return (torch.cat(points), torch.cat(times))
+    raise ValueError(f"no deployed inputs for task {type(task).__name__}")
 
 
 def profile_run(task, job, index: int, damping: float, damping_mode: str) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]  # noqa: E501
     """Per-direction quantities of layer ``net[index]`` of one run (weakest direction first),
     and the run's test primary metric."""
     model = rebuild(job).eval()
-    z_train = layer_inputs(model, task.splits().train.tensors[0], index)
+    z_train = layer_inputs(model, training_inputs(task), index)
     sigma = z_train.T @ z_train / len(z_train)
-    deployed = layer_inputs(model, deployed_states(task, model), index)
+    deployed = layer_inputs(model, deployed_inputs(task, model), index)
     profile = directional_profile(sigma, deployed, damping, damping_mode)
     layer = model.net[index]
     weight = torch.cat([layer.weight, layer.bias[:, None]], dim=1).detach()
