@@ -28,11 +28,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from beyondloss.optim import make_optimizer
 from beyondloss.posthoc.averaging import SWA
 from beyondloss.posthoc.tracker import PosthocTracker
-from beyondloss.tasks.noisy_labels import DIGITS, cross_entropy
+from beyondloss.tasks.noisy_labels import DIGITS, NoisyLabelData, cross_entropy
 from beyondloss.train import TrainConfig, train
 
 
@@ -49,16 +50,28 @@ def one_round(tracked: bool, epochs: int) -> float:
     return time.perf_counter() - began
 
 
+def digits_setup() -> tuple[NoisyLabelData, nn.Module, PosthocTracker]:
+    """The digits study's data, a fresh model (seed 0) and its tracker (base + SWA)."""
+    data = DIGITS.build(0.4, "symmetric")
+    torch.manual_seed(0)
+    model = DIGITS.make_model(data.n_features, data.n_classes)
+    return data, model, PosthocTracker(data.val, data.test, swa_start=1)
+
+
+def perturb(model: nn.Module) -> None:
+    """Stand-in for a training epoch: a small random change of every weight."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter), alpha=1e-3)
+
+
 def floor_times(epochs: int) -> dict[str, list[float]]:
     """Per-epoch CPU seconds of ``PosthocTracker.update`` and of its floor (see above),
     ``{"tracker": [...], "floor": [...]}``.
 
     The two take turns going first, so that neither always runs on the caches the other warmed.
     """
-    data = DIGITS.build(0.4, "symmetric")
-    torch.manual_seed(0)
-    model = DIGITS.make_model(data.n_features, data.n_classes)
-    tracker = PosthocTracker(data.val, data.test, swa_start=1)
+    data, model, tracker = digits_setup()
     average = SWA(start_epoch=1)
 
     def floor_work(epoch: int) -> None:
@@ -72,9 +85,7 @@ def floor_times(epochs: int) -> dict[str, list[float]]:
 
     times: dict[str, list[float]] = {"tracker": [], "floor": []}
     for epoch in range(1, epochs + 1):
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(torch.randn_like(parameter), alpha=1e-3)
+        perturb(model)
         turns = [("tracker", tracker.update), ("floor", floor_work)]
         for name, work in turns if epoch % 2 else turns[::-1]:
             began = time.process_time()
@@ -87,10 +98,7 @@ def part_times(epochs: int) -> dict[str, list[float]]:
     """Per-epoch CPU seconds of each part of ``PosthocTracker.update`` inside the epoch loop:
     the SWA update, the forwards of one model over val and test (``_predict``, twice an
     epoch), the float16 bookkeeping (``append``) and the metrics (``metrics_at``)."""
-    data = DIGITS.build(0.4, "symmetric")
-    torch.manual_seed(0)
-    model = DIGITS.make_model(data.n_features, data.n_classes)
-    tracker = PosthocTracker(data.val, data.test, swa_start=1)
+    data, model, tracker = digits_setup()
     times: dict[str, list[float]] = {}
 
     def timed(name: str, work: Callable[..., Any]) -> Callable[..., Any]:
@@ -108,9 +116,7 @@ def part_times(epochs: int) -> dict[str, list[float]]:
     tracker.log.metrics_at = timed("metrics (metrics_at)", tracker.log.metrics_at)
     update = timed("whole update", tracker.update)
     for epoch in range(1, epochs + 1):
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(torch.randn_like(parameter), alpha=1e-3)
+        perturb(model)
         update(model, epoch)
     return times
 
