@@ -179,7 +179,7 @@ def references(env: str, path: Path, sha256: str | None) -> None:
     unless ``None``) and of the uniform-random policy at every size setting of ``env``, and the
     resulting ``reference_returns`` entry."""
     stored = read_expert_file(path, sha256, env)
-    expert = LinearExpert(stored.weights, stored.obs_mean, stored.obs_std)
+    expert = LinearExpert.from_file(stored)
     seeds = [REFERENCE_SEED + i for i in range(REFERENCE_EPISODES)]
     envs = environments(env, REFERENCE_EPISODES)
     table = {}
@@ -203,8 +203,7 @@ def references(env: str, path: Path, sha256: str | None) -> None:
 def robustness(env: str, path: Path) -> None:
     """Print the expert's returns over the standard horizon at actuator noise
     :data:`ROBUSTNESS_NOISE` (same episodes as the references)."""
-    stored = read_expert_file(path, None, env)
-    expert = LinearExpert(stored.weights, stored.obs_mean, stored.obs_std)
+    expert = LinearExpert.from_file(read_expert_file(path, None, env))
     seeds = [REFERENCE_SEED + i for i in range(REFERENCE_EPISODES)]
     horizon = ENVIRONMENTS[env].max_horizon
     envs = environments(env, REFERENCE_EPISODES)

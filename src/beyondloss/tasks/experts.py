@@ -275,10 +275,14 @@ class LinearExpert(nn.Module):
             self.register_buffer(name, torch.from_numpy(array.copy()))
 
     @classmethod
+    def from_file(cls, stored: ExpertFile) -> LinearExpert:
+        """The policy of an expert file's contents."""
+        return cls(stored.weights, stored.obs_mean, stored.obs_std)
+
+    @classmethod
     def load(cls, name: str) -> LinearExpert:
         """The committed expert ``name`` (``"hopper"``, ``"halfcheetah"``), checksum verified."""
-        stored = load_expert(name)
-        return cls(stored.weights, stored.obs_mean, stored.obs_std)
+        return cls.from_file(load_expert(name))
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         """Commands ``(B, d_act)`` in ``[-1, 1]`` for observations ``(B, d_obs)``."""
