@@ -180,3 +180,16 @@ def test_a_ddp_study_run_whose_rank_is_killed_restarts_from_its_checkpoint(
 def test_ddp_must_be_a_positive_integer() -> None:
     with pytest.raises(ValueError, match="ddp must be an integer >= 1, got 0"):
         StudySpec("lorenz", ddp=0)
+
+
+def rank_leaves_then_writes(rank: int, init_file: str, out: str) -> None:
+    init_rank(rank, init_file)
+    finish_rank()
+    (Path(out) / f"after{rank}").write_text("ran")  # never reached: the rank has exited
+
+
+def test_a_rank_that_leaves_the_group_exits_cleanly_at_once(tmp_path: Path) -> None:
+    """leave_group ends the process with exit code 0 (spawn raises otherwise) before any later
+    code, so no interpreter shutdown follows in which gloo could abort the rank."""
+    mp.spawn(rank_leaves_then_writes, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    assert not list(tmp_path.glob("after*"))
