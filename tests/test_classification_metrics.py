@@ -85,6 +85,7 @@ def test_stacked_metrics_equal_the_single_pair_metrics() -> None:
     scores = [3 * torch.randn(n, 7, generator=generator) for n in (50, 1, 120)]
     scores[0] = scores[0].half()  # stored logits are float16
     scores[1][0, 2] = 80.0  # a saturated softmax
+    scores[2] = scores[2].bfloat16()  # NumPy has no bfloat16: converted on the way
     labels = [torch.randint(0, 7, (z.shape[0],), generator=generator) for z in scores]
     stacked = stacked_classification_metrics(scores, labels)
     for z, y, values in zip(scores, labels, stacked, strict=True):
