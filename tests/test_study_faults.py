@@ -26,10 +26,13 @@ def _study(out: Path, executor: str) -> subprocess.Popen:
 
 
 def _complete(out: Path) -> int:
-    """Runs the store at ``out`` marks complete (0 before it exists)."""
+    """Runs the store at ``out`` marks complete (0 before it exists, and while the driver has
+    created the database file but not yet its tables)."""
     if not (out / "beyondloss.db").exists():
         return 0
     with sqlite3.connect(out / "beyondloss.db", timeout=30) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone():
+            return 0
         return db.execute("SELECT count(*) FROM runs WHERE status = 'complete'").fetchone()[0]
 
 
