@@ -1,0 +1,204 @@
+"""DoPr's default damping, chosen by the rule fixed in docs/dopr-defaults.md before the runs.
+
+Candidates γ ∈ {1e-3 (the library default), 1e-2, 0.1, 0.2}; each base (AdamW, Muon) gets as
+many configurations, weight decay ∈ {0, 1e-4, 1e-3, 1e-2}. Every run trains at its
+(task, optimizer)'s validation-loss-selected learning rate of docs/ttf-full.md, full size,
+seeds 0–4. For task t, base b and candidate c, with m the mean over seeds of the task's primary
+downstream metric on the *validation* split and s = +1 where higher is better, −1 otherwise::
+
+    r(t, b, c) = s · (m[DoPr-b, γ = c] − m[b, best wd]) / |m[b, best wd]|
+    score(c)   = min over the 10 (t, b) of r(t, b, c)      (the worst relative gain)
+
+where the best weight decay of b is the one of best mean validation metric.
+
+The default becomes argmax score, and stays 1e-3 unless another candidate scores more than
+:data:`MARGIN` above it. Only then is *test* looked at: the paired gain (by seed, 95 % t
+interval, sign-flip p) of the chosen candidate and of the current default over each base at
+its best weight decay.
+
+The runs, one ``beyondloss study`` per line (any stores; pass each with ``--store``)::
+
+    beyondloss study bc-reacher --size full --optimizers dopr-adamw,dopr-muon --lrs 1e-2 --damping G
+    beyondloss study bc-reacher --size full --optimizers adamw,muon --lrs 3e-3 --weight-decay WD
+    ...  (every task, G and WD: the learning rates are in :data:`LEARNING_RATES`)
+
+    python experiments/dopr_default_rule.py --store runs/beyondloss.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from beyondloss.selection.statistics import paired_gain
+from beyondloss.store import ResultsStore
+from beyondloss.tasks import make_task
+
+CANDIDATES = (1e-3, 1e-2, 0.1, 0.2)
+"""DoPr damping γ candidates; the first is the library default."""
+
+WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
+"""The bases' configurations: as many as DoPr's candidates."""
+
+MARGIN = 0.01
+"""How much higher than the default's another candidate's score must be to replace it."""
+
+SEEDS = 5
+
+LEARNING_RATES = {
+    "lorenz": {"adamw": 3e-4, "muon": 3e-4, "dopr": 3e-4},
+    "sort": {"adamw": 1e-3, "muon": 3e-3, "dopr": 1e-3},
+    "flow-digits": {"adamw": 1e-3, "muon": 1e-3, "dopr": 3e-3},
+    "bc-pendulum": {"adamw": 3e-3, "muon": 3e-3, "dopr": 1e-3},
+    "bc-reacher": {"adamw": 3e-3, "muon": 3e-3, "dopr": 1e-2},
+}
+"""Validation-loss-selected learning rates at the default settings (docs/ttf-full.md); both
+DoPr variants share one on every task."""
+
+BASES = ("adamw", "muon")
+
+
+def load(stores: Sequence[str]) -> pd.DataFrame:
+    """The final row of every complete full-size run in ``stores``, with ``damping`` (NaN for
+    the bases; DoPr runs at the default record none)."""
+    frames = []
+    for path in stores:
+        with ResultsStore(path) as store:
+            frames.append(store.final_frame(status="complete", size="full"))
+    runs = pd.concat(frames, ignore_index=True)
+    damping = runs.get("dopr.damping", pd.Series(np.nan, index=runs.index))
+    is_dopr = runs["optimizer"].str.startswith("dopr-")
+    runs["damping"] = np.where(is_dopr, damping.fillna(CANDIDATES[0]), np.nan)
+    return runs.drop_duplicates(subset="run_id")
+
+
+def arm(
+    runs: pd.DataFrame,
+    task: str,
+    optimizer: str,
+    *,
+    weight_decay: float = 0.0,
+    damping: float | None = None,
+) -> pd.DataFrame:
+    """The runs of one configuration at its rule learning rate, indexed by seed; raises if a
+    seed of 0..SEEDS-1 is missing."""
+    key = "dopr" if optimizer.startswith("dopr-") else optimizer
+    lr = LEARNING_RATES[task][key]
+    keep = (
+        (runs["task"] == task)
+        & (runs["optimizer"] == optimizer)
+        & np.isclose(runs["lr"], lr)
+        & np.isclose(runs["weight_decay"], weight_decay)
+    )
+    if damping is not None:
+        keep &= np.isclose(runs["damping"], damping)
+    chosen = runs[keep].set_index("seed").sort_index()
+    missing = sorted(set(range(SEEDS)) - set(chosen.index))
+    if missing:
+        setting = f"weight decay {weight_decay:g}" if damping is None else f"damping {damping:g}"
+        raise LookupError(f"{task} {optimizer} lr {lr:g} {setting}: seeds {missing} missing")
+    return chosen.loc[list(range(SEEDS))]
+
+
+def primary(task: str) -> tuple[str, bool]:
+    """The task's primary downstream metric and whether higher is better."""
+    probe = make_task(task, "quick")
+    return probe.primary_metric, probe.higher_is_better[probe.primary_metric]
+
+
+def decide(runs: pd.DataFrame, tasks: Sequence[str]) -> dict:
+    """The rule: relative validation gains, scores, chosen candidate, and each base's best
+    weight decay (by its mean validation metric)."""
+    gains: dict[tuple[str, str], dict[float, float]] = {}
+    best_decay: dict[tuple[str, str], float] = {}
+    for task in tasks:
+        metric, higher = primary(task)
+        sign = 1.0 if higher else -1.0
+        for base in BASES:
+            val = {
+                wd: arm(runs, task, base, weight_decay=wd)[f"val_{metric}"].mean()
+                for wd in WEIGHT_DECAYS
+            }
+            best_decay[task, base] = max(val, key=lambda wd: sign * val[wd])
+            reference = val[best_decay[task, base]]
+            dopr = {
+                c: arm(runs, task, f"dopr-{base}", damping=c)[f"val_{metric}"].mean()
+                for c in CANDIDATES
+            }
+            gains[task, base] = {c: sign * (dopr[c] - reference) / abs(reference) for c in dopr}
+    scores = {c: min(g[c] for g in gains.values()) for c in CANDIDATES}
+    best = max(CANDIDATES, key=lambda c: scores[c])
+    chosen = best if scores[best] > scores[CANDIDATES[0]] + MARGIN else CANDIDATES[0]
+    return {"gains": gains, "scores": scores, "chosen": chosen, "best_decay": best_decay}
+
+
+def rule_table(decision: dict) -> str:
+    """Markdown: r(t, b, c) for every pair and candidate, then the scores."""
+    header = "| task | base | best wd | " + " | ".join(f"γ = {c:g}" for c in CANDIDATES) + " |"
+    lines = [header, "|---|---|--:|" + "--:|" * len(CANDIDATES)]
+    for (task, base), gain in decision["gains"].items():
+        cells = " | ".join(f"{gain[c]:+.3f}" for c in CANDIDATES)
+        lines.append(f"| {task} | {base} | {decision['best_decay'][task, base]:g} | {cells} |")
+    scores = " | ".join(f"**{decision['scores'][c]:+.3f}**" for c in CANDIDATES)
+    lines.append(f"| **score (min)** | | | {scores} |")
+    return "\n".join(lines)
+
+
+def test_table(runs: pd.DataFrame, decision: dict, tasks: Sequence[str]) -> str:
+    """Markdown: test metric of each base at its best weight decay, and the paired test gain
+    of DoPr at the default and at the chosen γ (positive = DoPr better)."""
+    shown = sorted({CANDIDATES[0], decision["chosen"]})
+    lines = [
+        "| task | base (best wd) | base test | "
+        + " | ".join(f"DoPr γ = {c:g}: test, gain (p)" for c in shown)
+        + " |",
+        "|---|---|--:|" + "--:|" * len(shown),
+    ]
+    for task in tasks:
+        metric, higher = primary(task)
+        for base in BASES:
+            wd = decision["best_decay"][task, base]
+            base_test = arm(runs, task, base, weight_decay=wd)[f"test_{metric}"].to_numpy()
+            cells = []
+            for c in shown:
+                dopr_test = arm(runs, task, f"dopr-{base}", damping=c)[f"test_{metric}"].to_numpy()
+                gain = paired_gain(dopr_test, base_test, higher)
+                interval = f"{gain.mean:+.3g} ± {gain.half_width:.2g} ({gain.p_value:.3g})"
+                cells.append(f"{dopr_test.mean():.4g}, {interval}")
+            head = f"| {task} ({metric}) | {base} ({wd:g}) | {base_test.mean():.4g} | "
+            lines.append(head + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--store", action="append", required=True, help="a results store (repeatable)"
+    )
+    parser.add_argument("--tasks", default=",".join(LEARNING_RATES), help="comma-separated")
+    args = parser.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(tasks) - set(LEARNING_RATES))
+    if unknown:
+        parser.error(f"no rule learning rates for {', '.join(unknown)}")
+    runs = load(args.store)
+    try:
+        decision = decide(runs, tasks)
+    except LookupError as error:
+        raise SystemExit(f"error: incomplete: {error}") from None
+    print("Relative validation gain r of DoPr-base over base (its best weight decay):\n")
+    print(rule_table(decision))
+    default, chosen = CANDIDATES[0], decision["chosen"]
+    verdict = "stays" if chosen == default else "becomes"
+    print(f"\nDecision: the default damping {verdict} {chosen:g}.\n")
+    print(test_table(runs, decision, tasks))
+    if not math.isfinite(decision["scores"][chosen]):
+        print("\n(a score is not finite: a metric mean is 0 or NaN)")
+
+
+if __name__ == "__main__":
+    main()
