@@ -148,10 +148,11 @@ def rule_table(decision: dict) -> str:
     return "\n".join(lines)
 
 
-def test_table(runs: pd.DataFrame, decision: dict, tasks: Sequence[str]) -> str:
+def test_table(
+    runs: pd.DataFrame, decision: dict, tasks: Sequence[str], shown: Sequence[float]
+) -> str:
     """Markdown: test metric of each base at its best weight decay, and the paired test gain
-    of DoPr at the default and at the chosen γ (positive = DoPr better)."""
-    shown = sorted({CANDIDATES[0], decision["chosen"]})
+    of DoPr at each γ of ``shown`` (positive = DoPr better)."""
     lines = [
         "| task | base (best wd) | base test | "
         + " | ".join(f"DoPr γ = {c:g}: test, gain (p)" for c in shown)
@@ -180,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--store", action="append", required=True, help="a results store (repeatable)"
     )
     parser.add_argument("--tasks", default=",".join(LEARNING_RATES), help="comma-separated")
+    parser.add_argument(
+        "--all-candidates",
+        action="store_true",
+        help="test gains of every candidate, not only the default and the chosen one",
+    )
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = sorted(set(tasks) - set(LEARNING_RATES))
@@ -195,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     default, chosen = CANDIDATES[0], decision["chosen"]
     verdict = "stays" if chosen == default else "becomes"
     print(f"\nDecision: the default damping {verdict} {chosen:g}.\n")
-    print(test_table(runs, decision, tasks))
+    shown = CANDIDATES if args.all_candidates else sorted({default, chosen})
+    print(test_table(runs, decision, tasks, shown))
     if not math.isfinite(decision["scores"][chosen]):
         print("\n(a score is not finite: a metric mean is 0 or NaN)")
 
