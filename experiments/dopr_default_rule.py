@@ -69,7 +69,7 @@ def load(stores: Sequence[str]) -> pd.DataFrame:
     for path in stores:
         with ResultsStore(path) as store:
             frames.append(store.final_frame(status="complete", size="full"))
-    runs = pd.concat(frames, ignore_index=True)
+    runs = pd.concat(frames, ignore_index=True).copy()  # one block per dtype, not per column
     damping = runs.get("dopr.damping", pd.Series(np.nan, index=runs.index))
     is_dopr = runs["optimizer"].str.startswith("dopr-")
     runs["damping"] = np.where(is_dopr, damping.fillna(CANDIDATES[0]), np.nan)
