@@ -85,7 +85,7 @@ def arm(
     damping: float | None = None,
 ) -> pd.DataFrame:
     """The runs of one configuration at its rule learning rate, indexed by seed; raises if a
-    seed of 0..SEEDS-1 is missing."""
+    seed of 0..SEEDS-1 is missing or has several runs (other DoPr settings in the store)."""
     key = "dopr" if optimizer.startswith("dopr-") else optimizer
     lr = LEARNING_RATES[task][key]
     keep = (
@@ -97,10 +97,15 @@ def arm(
     if damping is not None:
         keep &= np.isclose(runs["damping"], damping)
     chosen = runs[keep].set_index("seed").sort_index()
+    setting = f"weight decay {weight_decay:g}" if damping is None else f"damping {damping:g}"
     missing = sorted(set(range(SEEDS)) - set(chosen.index))
     if missing:
-        setting = f"weight decay {weight_decay:g}" if damping is None else f"damping {damping:g}"
         raise LookupError(f"{task} {optimizer} lr {lr:g} {setting}: seeds {missing} missing")
+    if chosen.index.duplicated().any():  # e.g. ablation runs (another scope) in the same store
+        raise LookupError(
+            f"{task} {optimizer} lr {lr:g} {setting}: several runs per seed; pass stores that"
+            " hold only the rule's runs"
+        )
     return chosen.loc[list(range(SEEDS))]
 
 
