@@ -28,8 +28,10 @@ The runs, one ``beyondloss study`` per line (any stores; pass each with ``--stor
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -109,15 +111,27 @@ def arm(
     return chosen.loc[list(range(SEEDS))]
 
 
+@functools.cache  # the rule and the test table both ask; building a task is not free
 def primary(task: str) -> tuple[str, bool]:
     """The task's primary downstream metric and whether higher is better."""
     probe = make_task(task, "quick")
     return probe.primary_metric, probe.higher_is_better[probe.primary_metric]
 
 
-def decide(runs: pd.DataFrame, tasks: Sequence[str]) -> dict:
-    """The rule: relative validation gains, scores, chosen candidate, and each base's best
-    weight decay (by its mean validation metric)."""
+@dataclass(frozen=True)
+class Decision:
+    """The rule's outcome: ``gains[task, base][c]`` = r(task, base, c), ``scores[c]``, the
+    ``chosen`` γ, and ``best_decay[task, base]``, each base's weight decay of best mean
+    validation metric."""
+
+    gains: dict[tuple[str, str], dict[float, float]]
+    scores: dict[float, float]
+    chosen: float
+    best_decay: dict[tuple[str, str], float]
+
+
+def decide(runs: pd.DataFrame, tasks: Sequence[str]) -> Decision:
+    """The rule (module docs) over ``tasks``."""
     gains: dict[tuple[str, str], dict[float, float]] = {}
     best_decay: dict[tuple[str, str], float] = {}
     for task in tasks:
@@ -138,23 +152,23 @@ def decide(runs: pd.DataFrame, tasks: Sequence[str]) -> dict:
     scores = {c: min(g[c] for g in gains.values()) for c in CANDIDATES}
     best = max(CANDIDATES, key=lambda c: scores[c])
     chosen = best if scores[best] > scores[CANDIDATES[0]] + MARGIN else CANDIDATES[0]
-    return {"gains": gains, "scores": scores, "chosen": chosen, "best_decay": best_decay}
+    return Decision(gains, scores, chosen, best_decay)
 
 
-def rule_table(decision: dict) -> str:
+def rule_table(decision: Decision) -> str:
     """Markdown: r(t, b, c) for every pair and candidate, then the scores."""
     header = "| task | base | best wd | " + " | ".join(f"γ = {c:g}" for c in CANDIDATES) + " |"
     lines = [header, "|---|---|--:|" + "--:|" * len(CANDIDATES)]
-    for (task, base), gain in decision["gains"].items():
+    for (task, base), gain in decision.gains.items():
         cells = " | ".join(f"{gain[c]:+.3f}" for c in CANDIDATES)
-        lines.append(f"| {task} | {base} | {decision['best_decay'][task, base]:g} | {cells} |")
-    scores = " | ".join(f"**{decision['scores'][c]:+.3f}**" for c in CANDIDATES)
+        lines.append(f"| {task} | {base} | {decision.best_decay[task, base]:g} | {cells} |")
+    scores = " | ".join(f"**{decision.scores[c]:+.3f}**" for c in CANDIDATES)
     lines.append(f"| **score (min)** | | | {scores} |")
     return "\n".join(lines)
 
 
 def test_table(
-    runs: pd.DataFrame, decision: dict, tasks: Sequence[str], shown: Sequence[float]
+    runs: pd.DataFrame, decision: Decision, tasks: Sequence[str], shown: Sequence[float]
 ) -> str:
     """Markdown: test metric of each base at its best weight decay, and the paired test gain
     of DoPr at each γ of ``shown`` (positive = DoPr better)."""
@@ -167,7 +181,7 @@ def test_table(
     for task in tasks:
         metric, higher = primary(task)
         for base in BASES:
-            wd = decision["best_decay"][task, base]
+            wd = decision.best_decay[task, base]
             base_test = arm(runs, task, base, weight_decay=wd)[f"test_{metric}"].to_numpy()
             cells = []
             for c in shown:
@@ -203,12 +217,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: incomplete: {error}") from None
     print("Relative validation gain r of DoPr-base over base (its best weight decay):\n")
     print(rule_table(decision))
-    default, chosen = CANDIDATES[0], decision["chosen"]
+    default, chosen = CANDIDATES[0], decision.chosen
     verdict = "stays" if chosen == default else "becomes"
     print(f"\nDecision: the default damping {verdict} {chosen:g}.\n")
     shown = CANDIDATES if args.all_candidates else sorted({default, chosen})
     print(test_table(runs, decision, tasks, shown))
-    if not math.isfinite(decision["scores"][chosen]):
+    if not math.isfinite(decision.scores[chosen]):
         print("\n(a score is not finite: a metric mean is 0 or NaN)")
 
 
