@@ -22,9 +22,11 @@ coordinate 1 — for the input layer the standardized observation;
 The study must have been run with the same ``--size``, ``--lrs`` (containing ``--lr``) and
 DoPr settings (``--scope``, ``--damping``) into ``--out``. Prints two markdown tables of
 medians over seeds: a summary over the subspace A of the directions AP amplifies more than
-:data:`AMPLIFIED`-fold (the share of the inputs' second moment, Σ_i over A of σ_i over all
-σ_i, in training and in deployment, and the mean sensitivity inside and outside A), then the
-weakest directions one by one beside the strongest.
+:data:`AMPLIFIED`-fold, then the weakest directions one by one beside the strongest. The
+summary gives the share of the inputs' second moment in A (Σ_i over A of σ_i over all σ_i), in
+training and in deployment, and the mean sensitivity inside and outside A. A is defined at
+``--subspace-damping``, by default the runs' damping; fix it to compare runs of different
+dampings on the same directions.
 """
 
 from __future__ import annotations
@@ -137,9 +139,12 @@ def deployed_inputs(task, model: torch.nn.Module) -> tuple[torch.Tensor, ...]:  
     raise ValueError(f"no deployed inputs for task {type(task).__name__}")
 
 
-def profile_run(task, job, index: int, damping: float, damping_mode: str) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]  # noqa: E501
+def profile_run(  # type: ignore[no-untyped-def]
+    task, job, index: int, damping: float, damping_mode: str, subspace_damping: float
+) -> dict[str, list[float]]:
     """Per-direction quantities of layer ``net[index]`` of one run (weakest direction first),
-    and the run's test primary metric."""
+    and the run's test primary metric; the subspace A is where AP at ``subspace_damping``
+    amplifies more than :data:`AMPLIFIED`-fold."""
     model = rebuild(job).eval()
     z_train = layer_inputs(model, training_inputs(task), index)
     sigma = z_train.T @ z_train / len(z_train)
@@ -150,7 +155,8 @@ def profile_run(task, job, index: int, damping: float, damping_mode: str) -> dic
     rest = model.net[index:]
     stride = max(1, len(z_train) // SENSITIVITY_SAMPLES)
     metric = task.evaluate(model, "test", primary_only=True)[task.primary_metric]
-    amplified = profile.gain > AMPLIFIED
+    subspace = directional_profile(sigma, deployed, subspace_damping, damping_mode)
+    amplified = subspace.gain > AMPLIFIED
     sensitivities = sensitivity(rest, z_train[::stride, :-1], profile.vectors[:-1])
     return {
         "share_train": [float(profile.train[amplified].sum() / profile.train.sum())],
@@ -184,6 +190,13 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=None)
     parser.add_argument("--weakest", type=int, default=3, help="weak directions to show")
     parser.add_argument("--layer", type=int, default=0, help="index in model.net (0: input)")
+    parser.add_argument(
+        "--subspace-damping",
+        type=float,
+        default=None,
+        help="γ whose AP gain defines the amplified subspace A (default: the runs' damping);"
+        " fix it to compare runs of different dampings on the same directions",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     dopr = {k: v for k, v in (("scope", args.scope), ("damping", args.damping)) if v is not None}
@@ -198,6 +211,7 @@ def main() -> None:
     )
     task = spec.make_task()
     config = APConfig.from_mapping({k: v for k, v in dopr.items() if k == "damping"})
+    subspace_damping = args.subspace_damping or config.damping
     rows, summary = [], []
     for optimizer in spec.optimizers:
         runs = [
@@ -207,6 +221,7 @@ def main() -> None:
                 args.layer,
                 config.damping,
                 config.damping_mode,
+                subspace_damping,
             )
             for seed in range(args.seeds)
         ]
@@ -232,7 +247,7 @@ def main() -> None:
             )
     print(
         f"{args.task} {args.size}, layer net.{args.layer}, lr {args.lr:g}, "
-        f"DoPr settings {dopr or 'defaults'}, "
+        f"DoPr settings {dopr or 'defaults'}, A at damping {subspace_damping:g}, "
         f"median over {args.seeds} seeds\n"
     )
     print(
@@ -242,8 +257,10 @@ def main() -> None:
     )
     print("|---|--:|--:|--:|--:|--:|--:|--:|")
     print("\n".join(summary) + "\n")
-    print("| optimizer | direction | σ_i (train) | AP gain | deployed / train | ‖[W b] u_i‖ "
-          f"| ‖J u_i‖ | test {task.primary_metric} |")
+    print(
+        "| optimizer | direction | σ_i (train) | AP gain | deployed / train | ‖[W b] u_i‖ "
+        f"| ‖J u_i‖ | test {task.primary_metric} |"
+    )
     print("|---|---|--:|--:|--:|--:|--:|--:|")
     print("\n".join(rows))
 
