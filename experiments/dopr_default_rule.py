@@ -23,6 +23,10 @@ The runs, one ``beyondloss study`` per line (any stores; pass each with ``--stor
     ...  (every task, G and WD: the learning rates are in :data:`LEARNING_RATES`)
 
     python experiments/dopr_default_rule.py --store runs/beyondloss.db
+
+``--reselect-lr`` is a sensitivity check made after the decision, not part of the rule: each
+DoPr configuration then takes, on each task, the learning rate of best mean validation metric
+among those the stores hold (e.g. the rest of the study's grid), and the bases keep theirs.
 """
 
 from __future__ import annotations
@@ -85,11 +89,13 @@ def arm(
     *,
     weight_decay: float = 0.0,
     damping: float | None = None,
+    lr: float | None = None,
 ) -> pd.DataFrame:
-    """The runs of one configuration at its rule learning rate, indexed by seed; raises if a
-    seed of 0..SEEDS-1 is missing or has several runs (other DoPr settings in the store)."""
-    key = "dopr" if optimizer.startswith("dopr-") else optimizer
-    lr = LEARNING_RATES[task][key]
+    """The runs of one configuration at ``lr`` (default: its rule learning rate), indexed by
+    seed; raises if a seed of 0..SEEDS-1 is missing or has several runs (other DoPr settings
+    in the store)."""
+    if lr is None:
+        lr = LEARNING_RATES[task]["dopr" if optimizer.startswith("dopr-") else optimizer]
     keep = (
         (runs["task"] == task)
         & (runs["optimizer"] == optimizer)
@@ -121,19 +127,35 @@ def primary(task: str) -> tuple[str, bool]:
 @dataclass(frozen=True)
 class Decision:
     """The rule's outcome: ``gains[task, base][c]`` = r(task, base, c), ``scores[c]``, the
-    ``chosen`` γ, and ``best_decay[task, base]``, each base's weight decay of best mean
-    validation metric."""
+    ``chosen`` γ, ``best_decay[task, base]``, each base's weight decay of best mean
+    validation metric, and ``dopr_lr[task, base][c]``, the learning rate of DoPr-base at γ = c."""
 
     gains: dict[tuple[str, str], dict[float, float]]
     scores: dict[float, float]
     chosen: float
     best_decay: dict[tuple[str, str], float]
+    dopr_lr: dict[tuple[str, str], dict[float, float]]
 
 
-def decide(runs: pd.DataFrame, tasks: Sequence[str]) -> Decision:
-    """The rule (module docs) over ``tasks``."""
+def held_lrs(runs: pd.DataFrame, task: str, optimizer: str, damping: float) -> list[float]:
+    """The learning rates at which ``runs`` hold DoPr ``optimizer`` at ``damping`` on ``task``,
+    the rule's first (so that it wins a tie), then ascending."""
+    keep = (
+        (runs["task"] == task)
+        & (runs["optimizer"] == optimizer)
+        & np.isclose(runs["damping"], damping)
+    )
+    rule_lr = LEARNING_RATES[task]["dopr"]
+    return sorted(runs.loc[keep, "lr"].unique(), key=lambda lr: (not np.isclose(lr, rule_lr), lr))
+
+
+def decide(runs: pd.DataFrame, tasks: Sequence[str], *, reselect_lr: bool = False) -> Decision:
+    """The rule (module docs) over ``tasks``; with ``reselect_lr``, the sensitivity check in
+    which each DoPr configuration takes its learning rate of best mean validation metric among
+    those ``runs`` hold."""
     gains: dict[tuple[str, str], dict[float, float]] = {}
     best_decay: dict[tuple[str, str], float] = {}
+    dopr_lr: dict[tuple[str, str], dict[float, float]] = {}
     for task in tasks:
         metric, higher = primary(task)
         sign = 1.0 if higher else -1.0
@@ -144,15 +166,22 @@ def decide(runs: pd.DataFrame, tasks: Sequence[str]) -> Decision:
             }
             best_decay[task, base] = max(val, key=lambda wd: sign * val[wd])
             reference = val[best_decay[task, base]]
-            dopr = {
-                c: arm(runs, task, f"dopr-{base}", damping=c)[f"val_{metric}"].mean()
-                for c in CANDIDATES
-            }
+            optimizer = f"dopr-{base}"
+            dopr, dopr_lr[task, base] = {}, {}
+            for c in CANDIDATES:
+                lrs = held_lrs(runs, task, optimizer, c) if reselect_lr else [None]
+                by_lr = {
+                    lr: arm(runs, task, optimizer, damping=c, lr=lr)[f"val_{metric}"].mean()
+                    for lr in lrs
+                }
+                lr = max(by_lr, key=lambda lr: sign * by_lr[lr])
+                dopr[c] = by_lr[lr]
+                dopr_lr[task, base][c] = lr if lr is not None else LEARNING_RATES[task]["dopr"]
             gains[task, base] = {c: sign * (dopr[c] - reference) / abs(reference) for c in dopr}
     scores = {c: min(g[c] for g in gains.values()) for c in CANDIDATES}
     best = max(CANDIDATES, key=lambda c: scores[c])
     chosen = best if scores[best] > scores[CANDIDATES[0]] + MARGIN else CANDIDATES[0]
-    return Decision(gains, scores, chosen, best_decay)
+    return Decision(gains, scores, chosen, best_decay, dopr_lr)
 
 
 def rule_table(decision: Decision) -> str:
@@ -160,7 +189,12 @@ def rule_table(decision: Decision) -> str:
     header = "| task | base | best wd | " + " | ".join(f"γ = {c:g}" for c in CANDIDATES) + " |"
     lines = [header, "|---|---|--:|" + "--:|" * len(CANDIDATES)]
     for (task, base), gain in decision.gains.items():
-        cells = " | ".join(f"{gain[c]:+.3f}" for c in CANDIDATES)
+        rule_lr = LEARNING_RATES[task]["dopr"]
+        lrs = decision.dopr_lr[task, base]
+        cells = " | ".join(
+            f"{gain[c]:+.3f}" + ("" if np.isclose(lrs[c], rule_lr) else f" (lr {lrs[c]:g})")
+            for c in CANDIDATES
+        )
         lines.append(f"| {task} | {base} | {decision.best_decay[task, base]:g} | {cells} |")
     scores = " | ".join(f"**{decision.scores[c]:+.3f}**" for c in CANDIDATES)
     lines.append(f"| **score (min)** | | | {scores} |")
@@ -185,7 +219,9 @@ def test_table(
             base_test = arm(runs, task, base, weight_decay=wd)[f"test_{metric}"].to_numpy()
             cells = []
             for c in shown:
-                dopr_test = arm(runs, task, f"dopr-{base}", damping=c)[f"test_{metric}"].to_numpy()
+                lr = decision.dopr_lr[task, base][c]
+                dopr = arm(runs, task, f"dopr-{base}", damping=c, lr=lr)
+                dopr_test = dopr[f"test_{metric}"].to_numpy()
                 gain = paired_gain(dopr_test, base_test, higher)
                 interval = f"{gain.mean:+.3g} ± {gain.half_width:.2g} ({gain.p_value:.3g})"
                 cells.append(f"{dopr_test.mean():.4g}, {interval}")
@@ -205,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="test gains of every candidate, not only the default and the chosen one",
     )
+    parser.add_argument(
+        "--reselect-lr",
+        action="store_true",
+        help="sensitivity check, not the rule: DoPr takes its best-val lr among those stored",
+    )
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = sorted(set(tasks) - set(LEARNING_RATES))
@@ -212,14 +253,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"no rule learning rates for {', '.join(unknown)}")
     runs = load(args.store)
     try:
-        decision = decide(runs, tasks)
+        decision = decide(runs, tasks, reselect_lr=args.reselect_lr)
     except LookupError as error:
         raise SystemExit(f"error: incomplete: {error}") from None
+    if args.reselect_lr:
+        print("Sensitivity check, not the rule: DoPr at its best-val learning rate (shown where")
+        print("it is not the rule's); the bases at theirs.\n")
     print("Relative validation gain r of DoPr-base over base (its best weight decay):\n")
     print(rule_table(decision))
     default, chosen = CANDIDATES[0], decision.chosen
-    verdict = "stays" if chosen == default else "becomes"
-    print(f"\nDecision: the default damping {verdict} {chosen:g}.\n")
+    if args.reselect_lr:
+        print(
+            f"\nUnder this check the rule would {'keep' if chosen == default else 'pick'}"
+            f" {chosen:g}.\n"
+        )
+    else:
+        verdict = "stays" if chosen == default else "becomes"
+        print(f"\nDecision: the default damping {verdict} {chosen:g}.\n")
     shown = CANDIDATES if args.all_candidates else sorted({default, chosen})
     print(test_table(runs, decision, tasks, shown))
     if not math.isfinite(decision.scores[chosen]):

@@ -98,3 +98,25 @@ def test_a_missing_seed_or_a_seed_with_several_runs_is_refused() -> None:
     )
     with pytest.raises(LookupError, match="several runs per seed"):
         rule.decide(pd.concat([complete, other_scope]), [TASK])
+
+
+def test_the_learning_rate_check_lets_each_dopr_configuration_take_its_best_validation_lr() -> None:
+    dopr = {base: {c: 0.5 for c in rule.CANDIDATES} for base in ("adamw", "muon")}
+    at_rule_lr = runs(BASES, dopr)
+    other_lr = at_rule_lr[at_rule_lr["optimizer"].str.startswith("dopr-")].assign(
+        lr=1e-4, run_id=lambda frame: frame["run_id"] + "-other-lr"
+    )
+    better = (other_lr["optimizer"] == "dopr-adamw") & (other_lr["damping"] == 0.1)
+    other_lr.loc[better, ["val_success_rate", "test_success_rate"]] = 0.8
+    worse = other_lr["optimizer"] == "dopr-muon"
+    other_lr.loc[worse, ["val_success_rate", "test_success_rate"]] = 0.1
+    both = pd.concat([at_rule_lr, other_lr])
+
+    fixed = rule.decide(both, [TASK])  # the rule itself reads only the rule's learning rates
+    assert fixed.gains[TASK, "adamw"][0.1] == pytest.approx((0.5 - 0.8) / 0.8)
+    checked = rule.decide(both, [TASK], reselect_lr=True)
+    assert checked.dopr_lr[TASK, "adamw"][0.1] == 1e-4
+    assert checked.gains[TASK, "adamw"][0.1] == pytest.approx(0.0)
+    assert checked.dopr_lr[TASK, "adamw"][1e-3] == LR["dopr"]  # a tie keeps the rule's lr
+    assert checked.dopr_lr[TASK, "muon"] == dict.fromkeys(rule.CANDIDATES, LR["dopr"])
+    assert checked.best_decay == fixed.best_decay  # the bases keep their learning rates
