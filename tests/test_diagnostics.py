@@ -69,7 +69,7 @@ def test_preconditioner_reports_each_layer_and_warns_past_the_threshold() -> Non
     assert spectrum.amplification > 1e5
     metrics = ap.spectrum_metrics()
     assert metrics["ap/(root)/amplification"] == spectrum.amplification
-    with pytest.warns(UserWarning, match=r"raise `damping`"):
+    with pytest.warns(UserWarning, match=r"raise `damping` and re-tune the learning rate"):
         assert warn_amplification(ap.spectra()) == [""]
     assert warn_amplification(ap.spectra(), threshold=1e9) == []
 

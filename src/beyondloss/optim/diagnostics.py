@@ -95,9 +95,9 @@ def warn_amplification(
         warnings.warn(
             f"activation preconditioning amplifies the least-excited input directions of "
             f"{detail} over the most-excited (threshold {threshold:g}×); raise `damping` "
-            "(the relative ridge γ; 0.1 restored DoPr-Muon on the pendulum, "
-            "docs/dopr-defaults.md), or leave these layers out with `exclude=[...]` (the "
-            "output head: `scope='no_head'`)",
+            "and re-tune the learning rate (the relative ridge γ; 0.1 restored DoPr-Muon on "
+            "the pendulum at its re-tuned lr, docs/dopr-defaults.md), or leave these layers "
+            "out with `exclude=[...]` (the output head: `scope='no_head'`)",
             stacklevel=2,
         )
     return loud
