@@ -169,7 +169,8 @@ def decide(runs: pd.DataFrame, tasks: Sequence[str], *, reselect_lr: bool = Fals
             optimizer = f"dopr-{base}"
             dopr, dopr_lr[task, base] = {}, {}
             for c in CANDIDATES:
-                lrs = held_lrs(runs, task, optimizer, c) if reselect_lr else [None]
+                # no stored lr: None, the rule's, which arm() refuses as missing
+                lrs = (reselect_lr and held_lrs(runs, task, optimizer, c)) or [None]
                 by_lr = {
                     lr: arm(runs, task, optimizer, damping=c, lr=lr)[f"val_{metric}"].mean()
                     for lr in lrs
