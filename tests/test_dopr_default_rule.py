@@ -93,6 +93,9 @@ def test_a_missing_seed_or_a_seed_with_several_runs_is_refused() -> None:
     complete = runs(BASES, dopr)
     with pytest.raises(LookupError, match=r"seeds \[4\] missing"):
         rule.decide(complete[complete["run_id"] != "dopr-muon-0.1-4"], [TASK])
+    no_candidate = complete[~complete["run_id"].str.startswith("dopr-muon-0.1-")]
+    with pytest.raises(LookupError, match=r"damping 0.1: seeds \[0, 1, 2, 3, 4\] missing"):
+        rule.decide(no_candidate, [TASK], reselect_lr=True)
     other_scope = complete[complete["optimizer"] == "dopr-adamw"].assign(
         run_id=lambda frame: frame["run_id"] + "-hidden"
     )
