@@ -82,6 +82,16 @@ def load(stores: Sequence[str]) -> pd.DataFrame:
     return runs.drop_duplicates(subset="run_id")
 
 
+def of_optimizer(
+    runs: pd.DataFrame, task: str, optimizer: str, damping: float | None = None
+) -> pd.Series:
+    """Which of ``runs`` are ``optimizer``'s on ``task`` (at ``damping``, if given)."""
+    keep = (runs["task"] == task) & (runs["optimizer"] == optimizer)
+    if damping is not None:
+        keep &= np.isclose(runs["damping"], damping)
+    return keep
+
+
 def arm(
     runs: pd.DataFrame,
     task: str,
@@ -97,13 +107,10 @@ def arm(
     if lr is None:
         lr = LEARNING_RATES[task]["dopr" if optimizer.startswith("dopr-") else optimizer]
     keep = (
-        (runs["task"] == task)
-        & (runs["optimizer"] == optimizer)
+        of_optimizer(runs, task, optimizer, damping)
         & np.isclose(runs["lr"], lr)
         & np.isclose(runs["weight_decay"], weight_decay)
     )
-    if damping is not None:
-        keep &= np.isclose(runs["damping"], damping)
     chosen = runs[keep].set_index("seed").sort_index()
     setting = f"weight decay {weight_decay:g}" if damping is None else f"damping {damping:g}"
     missing = sorted(set(range(SEEDS)) - set(chosen.index))
@@ -140,11 +147,7 @@ class Decision:
 def held_lrs(runs: pd.DataFrame, task: str, optimizer: str, damping: float) -> list[float]:
     """The learning rates at which ``runs`` hold DoPr ``optimizer`` at ``damping`` on ``task``,
     the rule's first (so that it wins a tie), then ascending."""
-    keep = (
-        (runs["task"] == task)
-        & (runs["optimizer"] == optimizer)
-        & np.isclose(runs["damping"], damping)
-    )
+    keep = of_optimizer(runs, task, optimizer, damping)
     rule_lr = LEARNING_RATES[task]["dopr"]
     return sorted(runs.loc[keep, "lr"].unique(), key=lambda lr: (not np.isclose(lr, rule_lr), lr))
 
@@ -166,18 +169,18 @@ def decide(runs: pd.DataFrame, tasks: Sequence[str], *, reselect_lr: bool = Fals
             }
             best_decay[task, base] = max(val, key=lambda wd: sign * val[wd])
             reference = val[best_decay[task, base]]
-            optimizer = f"dopr-{base}"
+            optimizer, rule_lr = f"dopr-{base}", LEARNING_RATES[task]["dopr"]
             dopr, dopr_lr[task, base] = {}, {}
             for c in CANDIDATES:
-                # no stored lr: None, the rule's, which arm() refuses as missing
-                lrs = (reselect_lr and held_lrs(runs, task, optimizer, c)) or [None]
+                # none stored: the rule's, which arm() refuses as missing
+                lrs = (reselect_lr and held_lrs(runs, task, optimizer, c)) or [rule_lr]
                 by_lr = {
                     lr: arm(runs, task, optimizer, damping=c, lr=lr)[f"val_{metric}"].mean()
                     for lr in lrs
                 }
                 lr = max(by_lr, key=lambda lr: sign * by_lr[lr])
                 dopr[c] = by_lr[lr]
-                dopr_lr[task, base][c] = lr if lr is not None else LEARNING_RATES[task]["dopr"]
+                dopr_lr[task, base][c] = lr
             gains[task, base] = {c: sign * (dopr[c] - reference) / abs(reference) for c in dopr}
     scores = {c: min(g[c] for g in gains.values()) for c in CANDIDATES}
     best = max(CANDIDATES, key=lambda c: scores[c])
