@@ -58,8 +58,10 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
         "ttf", "lorenz", "--size", "full", "--optimizers", "sgd, dopr-sgd", "--seeds", "2",
         "--lrs", "1e-3,3e-2", "--weight-decay", "0.01", "--workers", "1", "--out", "elsewhere",
         "--no-progress", "--damping", "0.01", "--damping-mode", "trace", "--cov-every", "10",
-        "--inverse-every", "20", "--ema-decay", "0.9", "--transforms", "swa,ema",
+        "--inverse-every", "20", "--sigma-ema-decay", "0.9", "--transforms", "swa,ema",
         "--transform-every", "2", "--eval-every", "3", "--scope", "hidden", "--ddp", "2",
+        "--ema-decays", "0.99,0.999", "--schedule", "cosine", "--warmup", "0.05",
+        "--epochs", "7",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     [(spec, progress, command)] = specs
@@ -79,18 +81,27 @@ def test_every_option_reaches_the_spec(specs: list[tuple[StudySpec, bool, str]])
             "scope": "hidden",
         },
         transforms=("swa", "ema"),
+        ema_decays=(0.99, 0.999),
         transform_every=2,
         eval_every=3,
+        schedule="cosine",
+        warmup=0.05,
+        epochs=7,
         workers=1,
         out=Path("elsewhere"),
         ddp=2,
     )
     assert "-hidden-" in spec.run_id("dopr-sgd", 1e-3, 0)
+    assert spec.run_id("sgd", 1e-3, 0) == (
+        "lorenz-full-sgd-lr0.001-wd0.01-ep7-cosine-wu0.05-eval3-swa+ema0.99+ema0.999-every2-s0"
+    )
     assert not progress
     assert command == "beyondloss ttf lorenz --size full --optimizers 'sgd, dopr-sgd' " + (
         "--seeds 2 --lrs 1e-3,3e-2 --weight-decay 0.01 --workers 1 --out elsewhere --no-progress "
-        "--damping 0.01 --damping-mode trace --cov-every 10 --inverse-every 20 --ema-decay 0.9 "
-        "--transforms swa,ema --transform-every 2 --eval-every 3 --scope hidden --ddp 2"
+        "--damping 0.01 --damping-mode trace --cov-every 10 --inverse-every 20 "
+        "--sigma-ema-decay 0.9 --transforms swa,ema --transform-every 2 --eval-every 3 "
+        "--scope hidden --ddp 2 --ema-decays 0.99,0.999 --schedule cosine --warmup 0.05 "
+        "--epochs 7"
     )
 
 
@@ -110,6 +121,10 @@ def test_ttf_all_passes_the_options_to_run_all_and_prints_the_summary(
         "weight_decay": 0.0,
         "dopr": {"cov_every": 4},
         "transforms": (),
+        "ema_decays": (0.999,),
+        "schedule": "constant",
+        "warmup": 0.0,
+        "epochs": None,
         "transform_every": 1,
         "eval_every": 1,
         "workers": 2,
@@ -167,11 +182,23 @@ def test_ttf_all_validates_every_spec_before_training(
         (["ttf", "lorenz", "--bogus"], "unrecognized arguments: --bogus"),
         (["ttf", "lorenz", "--cov-every", "0"], "dopr cov_every must be an integer >= 1"),
         (["ttf", "lorenz", "--inverse-every", "x"], "--inverse-every: invalid int value: 'x'"),
-        (["ttf", "lorenz", "--ema-decay", "1"], "dopr ema_decay must be >= 0 and < 1"),
+        (["ttf", "lorenz", "--sigma-ema-decay", "1"], "dopr ema_decay must be >= 0 and < 1"),
+        (["ttf", "lorenz", "--ema-decay", "0.9"], "--ema-decay is ambiguous and no longer"),
+        (["ttf", "lorenz", "--schedule", "step"], "invalid choice: 'step'"),
+        (["ttf", "lorenz", "--warmup", "1"], "--warmup: must be a fraction in [0, 1)"),
+        (["ttf", "lorenz", "--warmup", "-0.1"], "--warmup: must be a fraction in [0, 1)"),
+        (["ttf", "lorenz", "--epochs", "0"], "--epochs: must be at least 1"),
+        (["ttf", "lorenz", "--transforms", "ema", "--ema-decays", "1"], "decays must lie in"),
+        (["ttf", "lorenz", "--transforms", "ema", "--ema-decays", "0"], "decays must lie in"),
+        (["ttf", "lorenz", "--ema-decays", "0.99"], "ema_decays apply to the 'ema' transform"),
+        (
+            ["ttf", "lorenz", "--transforms", "ema", "--ema-decays", "0.99,0.990"],
+            "ema_decays must be distinct",
+        ),
         (["ttf", "lorenz", "--damping", "-0.1"], "dopr damping must be finite and >= 0"),
         (["ttf", "lorenz", "--damping-mode", "fro"], "invalid choice: 'fro'"),
         (
-            ["ttf", "lorenz", "--optimizers", "muon", "--ema-decay", "0.5"],
+            ["ttf", "lorenz", "--optimizers", "muon", "--sigma-ema-decay", "0.5"],
             "apply to dopr-* optimizers only",
         ),
     ],
@@ -205,7 +232,11 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         "--damping-mode",
         "--cov-every",
         "--inverse-every",
-        "--ema-decay",
+        "--sigma-ema-decay",
+        "--ema-decays",
+        "--schedule",
+        "--warmup",
+        "--epochs",
     ):
         assert option in out
     assert "'all'" in out and "summary.md" in out

@@ -477,18 +477,18 @@ def test_weight_average_transforms_are_rolled_out_and_selected_post_hoc(
 ) -> None:
     monkeypatch.setattr(ttf, "LocalExecutor", lambda workers: LocalExecutor(0))
     spec = replace(_spec(tmp_path), seeds=1, transforms=("swa", "ema"))
-    assert spec.run_id("sgd", LARGE_LR, 0) == "linear-quick-sgd-lr0.1-swa+ema-s0"
+    assert spec.run_id("sgd", LARGE_LR, 0) == "linear-quick-sgd-lr0.1-swa+ema0.999-s0"
     result = run_study(spec, progress=False)
     with ResultsStore(spec.out / "beyondloss.db") as store:
         curves = store.curves(spec.run_id("dopr-sgd", LARGE_LR, 0))
     # SWA over the second half of 2 epochs averages the last snapshot alone: the base model.
     assert curves["swa_test_score"][-1] == curves["test_score"][-1]
-    assert curves["ema_test_score"][-1] != curves["test_score"][-1]
-    assert "swa_val_score" in curves and "ema_test_err" in curves
+    assert curves["ema0.999_test_score"][-1] != curves["test_score"][-1]
+    assert "swa_val_score" in curves and "ema0.999_test_err" in curves
     markdown = (result.directory / "report.md").read_text()
     assert "## Weight averages and ensembles, judged by their rollouts" in markdown
-    assert "post-hoc selection for EMA" in markdown
-    with pytest.raises(ValueError, match="distinct names among swa, ema, ts, ens"):
+    assert "post-hoc selection for EMA0.999/step" in markdown
+    with pytest.raises(ValueError, match="distinct names among swa, ema, epoch-ema, ts, ens"):
         StudySpec("linear", transforms=("swa", "tta"))
     with pytest.raises(ValueError, match="'ens' transform needs seeds >= 2"):
         StudySpec("linear", seeds=1, transforms=("ens",))

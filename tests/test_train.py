@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from beyondloss.evaluation import StepAverageEvaluator
 from beyondloss.optim.factory import make_optimizer
+from beyondloss.posthoc.averaging import EMA
+from beyondloss.schedules import LrMultiplier
 from beyondloss.store import ResultsStore
 from beyondloss.train import CHECKPOINT_NAME, Evaluator, TrainConfig, loss_evaluator, train
 
@@ -75,17 +79,30 @@ class _DieAfterLogging(ResultsStore):
             os._exit(1)
 
 
-def _killed_worker(run_dir: Path, db: Path, optimizer_name: str) -> None:
+SCHEDULED = TrainConfig(epochs=4, batch_size=16, seed=3, schedule="cosine", warmup=0.2)
+"""The paper's protocol in small: warmup, cosine decay, and a per-step EMA (``_protocol``)."""
+
+
+def _protocol_evaluators(data: TensorDataset) -> list[Evaluator]:
+    """Val loss, the RNG probe and a per-step EMA of the weights, evaluated by its val loss."""
+    ema = StepAverageEvaluator(
+        "ema", EMA(0.9, warmup=True), {"val": lambda m: {"loss": _mse(m, data.tensors).item()}}
+    )
+    return [*_evaluators(data), ema]
+
+
+def _killed_worker(run_dir: Path, db: Path, optimizer_name: str, protocol: str) -> None:
     torch.set_num_threads(1)
     model, optimizer, data = _make_run(optimizer_name)
     store = _DieAfterLogging(db, KILLED_AT_EPOCH)
+    scheduled = protocol == "scheduled"
     train(
         model,
         optimizer,
         data,
         _mse,
-        CONFIG,
-        _evaluators(data),
+        SCHEDULED if scheduled else CONFIG,
+        (_protocol_evaluators if scheduled else _evaluators)(data),
         run_dir,
         store,
         "run",
@@ -220,15 +237,29 @@ def test_resume_with_a_different_batch_size_raises(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "dopr-adamw", "dopr-muon"])
+@pytest.mark.parametrize(
+    ("optimizer_name", "protocol"),
+    [
+        ("adamw", "constant"),
+        ("sgd", "constant"),
+        ("dopr-adamw", "constant"),
+        ("dopr-muon", "constant"),
+        ("dopr-adamw", "scheduled"),
+        ("muon", "scheduled"),
+    ],
+)
 def test_resume_after_kill_between_store_rows_and_checkpoint_is_bitwise_exact(
-    tmp_path: Path, optimizer_name: str
+    tmp_path: Path, optimizer_name: str, protocol: str
 ) -> None:
+    """Also with a warmup + cosine schedule and a per-step EMA: the lr, the average and its
+    counter continue where the checkpoint left them."""
     run_dir, db = tmp_path / "run", tmp_path / "r.db"
+    config = SCHEDULED if protocol == "scheduled" else CONFIG
+    evaluators = _protocol_evaluators if protocol == "scheduled" else _evaluators
     with ResultsStore(db) as store:
         _register(store, "run", optimizer_name)
     killed = subprocess.run(
-        [sys.executable, __file__, str(run_dir), str(db), optimizer_name],
+        [sys.executable, __file__, str(run_dir), str(db), optimizer_name, protocol],
         capture_output=True,
         text=True,
         timeout=120,
@@ -240,24 +271,35 @@ def test_resume_after_kill_between_store_rows_and_checkpoint_is_bitwise_exact(
     assert not store.is_complete("run")
 
     model, optimizer, data = _make_run(optimizer_name)
+    resumed_evaluators = evaluators(data)
     resumed = train(
         model,
         optimizer,
         data,
         _mse,
-        CONFIG,
-        _evaluators(data),
+        config,
+        resumed_evaluators,
         run_dir,
         store,
         "run",
         progress=False,
     )
     ref_model, ref_optimizer, ref_data = _make_run(optimizer_name)
+    reference_evaluators = evaluators(ref_data)
     reference = train(
-        ref_model, ref_optimizer, ref_data, _mse, CONFIG, _evaluators(ref_data), progress=False
+        ref_model, ref_optimizer, ref_data, _mse, config, reference_evaluators, progress=False
     )
 
     _assert_bitwise_equal(model.state_dict(), ref_model.state_dict(), "model")
+    for resumed_evaluator, reference_evaluator in zip(
+        resumed_evaluators, reference_evaluators, strict=True
+    ):
+        if hasattr(reference_evaluator, "state_dict"):
+            _assert_bitwise_equal(
+                resumed_evaluator.state_dict(), reference_evaluator.state_dict(), "evaluator"
+            )
+    if protocol == "scheduled":
+        assert optimizer.param_groups[0]["lr"] < 1e-2 * 0.1  # decayed near the end
     _assert_bitwise_equal(optimizer.state_dict(), ref_optimizer.state_dict(), "optimizer")
     without_time = [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in reference]
     assert [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in resumed] == without_time
@@ -269,8 +311,40 @@ def test_resume_after_kill_between_store_rows_and_checkpoint_is_bitwise_exact(
             "SELECT epoch, COUNT(*), COUNT(DISTINCT name) FROM metrics"
             " GROUP BY epoch ORDER BY epoch"
         ).fetchall()
-    assert rows == [(epoch, 5, 5) for epoch in range(1, 5)]
+    metrics = 6 if protocol == "scheduled" else 5
+    assert rows == [(epoch, metrics, metrics) for epoch in range(1, 5)]
+
+
+def test_resume_under_another_schedule_or_budget_raises(tmp_path: Path) -> None:
+    model, optimizer, data = _make_run("adamw")
+    train(model, optimizer, data, _mse, replace(SCHEDULED, epochs=1), run_dir=tmp_path,
+          progress=False)  # fmt: skip
+    for changed, field in ((replace(SCHEDULED, epochs=2), "epochs"), (CONFIG, "schedule")):
+        model, optimizer, data = _make_run("adamw")
+        with pytest.raises(ValueError, match=field):
+            train(model, optimizer, data, _mse, changed, run_dir=tmp_path, progress=False)
+
+
+def test_the_schedule_sets_the_lr_of_every_optimizer_step() -> None:
+    """The lr each step is taken at equals base × LrMultiplier(step), over epochs × ⌈n/b⌉."""
+    model, optimizer, data = _make_run("dopr-muon")
+    seen: list[float] = []
+
+    class Probe:
+        def on_step(self, model: nn.Module) -> None:
+            seen.append(optimizer.param_groups[0]["lr"])
+
+        def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
+            return {}
+
+    config = TrainConfig(epochs=3, batch_size=24, schedule="linear", warmup=0.25)
+    train(model, optimizer, data, _mse, config, [Probe()], progress=False)
+    total = 3 * 3  # 64 samples in batches of 24: 3 steps per epoch
+    multiplier = LrMultiplier("linear", warmup_steps=2, total_steps=total)
+    # The probe runs after the scheduler has stepped: it sees the rate of the *next* step.
+    assert seen == pytest.approx([1e-2 * multiplier(s + 1) for s in range(total)])
+    assert all(g["lr"] == pytest.approx(seen[-1]) for g in optimizer.param_groups)
 
 
 if __name__ == "__main__":
-    _killed_worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+    _killed_worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4])

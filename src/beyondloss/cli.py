@@ -26,6 +26,7 @@ import torch
 from beyondloss import __version__
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES
+from beyondloss.schedules import SCHEDULES
 from beyondloss.store import ResultsStore
 from beyondloss.study.arguments import positive_int
 from beyondloss.study.export import export_model, load_model
@@ -101,8 +102,53 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    values = []
+    for part in _names(text):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
+        if not 0.0 < value < 1.0:
+            raise argparse.ArgumentTypeError(f"decays must lie in (0, 1), got {part!r}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one decay")
+    return tuple(values)
+
+
+def _warmup(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text!r}")
+    return value
+
+
+class _Removed(argparse.Action):
+    """``--ema-decay``, which named DoPr's Σ EMA before the weight EMA had decays: refused with
+    the two flags that replace it, so an old command line cannot change meaning silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        parser.error(
+            f"{option_string} is ambiguous and no longer accepted: use --sigma-ema-decay for "
+            "DoPr's Σ EMA, or --ema-decays for the decays of the per-step weight EMA"
+        )
+
+
 _PARSERS = {"float": float, "int": int, "str": str, "int | None": int}
 """How the command line reads each annotated type of an APConfig field."""
+
+
+AP_FLAGS = {"ema_decay": "sigma-ema-decay"}
+"""APConfig fields whose flag is not their name: DoPr's Σ EMA is ``--sigma-ema-decay``, so that
+it cannot be mistaken for the weight EMA's ``--ema-decays``."""
+
+
+def _ap_flag(name: str) -> str:
+    return "--" + AP_FLAGS.get(name, name.replace("_", "-"))
 
 
 def _add_ap_arguments(group: argparse._ArgumentGroup) -> None:
@@ -111,7 +157,8 @@ def _add_ap_arguments(group: argparse._ArgumentGroup) -> None:
     for setting in fields(APConfig):
         choices = setting.metadata.get("choices")
         group.add_argument(
-            f"--{setting.name.replace('_', '-')}",
+            _ap_flag(setting.name),
+            dest=setting.name,
             type=None if choices else _PARSERS[setting.type],
             choices=choices,
             help=f"{setting.metadata['help']} (default: {setting.default})",
@@ -331,7 +378,9 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
         default=(),
         metavar="NAMES",
         help=f"transforms rolled out beside the base model, some of {','.join(TRANSFORMS)}: "
-        "weight averages (swa, ema) every K epochs, temperature scaling (ts, classifiers: "
+        "weight averages (swa: end-of-epoch weights of the second half; ema: every optimizer "
+        "step, one per --ema-decays; epoch-ema: end-of-epoch weights, decay 0.9) evaluated "
+        "every K epochs, temperature scaling (ts, classifiers: "
         "noisy-*) of the base model and of each average, the seed ensemble (ens) at the final "
         "epoch (default: none)",
     )
@@ -340,6 +389,42 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="downstream metric to select and report by, e.g. nll on a noisy-* task (default: "
         "the task's primary metric)",
+    )
+    ttf.add_argument(
+        "--ema-decays",
+        type=_fractions,
+        default=_DEFAULTS["ema_decays"],
+        metavar="DECAYS",
+        help="per-step decays of the ema transform, comma-separated in (0, 1): one weight EMA "
+        "per decay in every run (default: "
+        + ",".join(f"{d:g}" for d in _DEFAULTS["ema_decays"])
+        + ")",
+    )
+    ttf.add_argument(
+        "--ema-decay",
+        action=_Removed,
+        nargs="?",
+        help=argparse.SUPPRESS,
+    )
+    ttf.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=_DEFAULTS["schedule"],
+        help="learning-rate schedule of every run, stepped per optimizer step (default: "
+        "%(default)s)",
+    )
+    ttf.add_argument(
+        "--warmup",
+        type=_warmup,
+        default=_DEFAULTS["warmup"],
+        metavar="FRACTION",
+        help="fraction of each run's steps in linear lr warmup, in [0, 1) (default: %(default)s)",
+    )
+    ttf.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help="training epochs of every run, overriding the task's budget (default: the task's)",
     )
     ttf.add_argument(
         "--transform-every",
@@ -421,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             key: getattr(args, key) for key in DOPR_SETTINGS if getattr(args, key) is not None
         },
         "transforms": tuple(args.transforms),
+        "ema_decays": args.ema_decays,
+        "schedule": args.schedule,
+        "warmup": args.warmup,
+        "epochs": args.epochs,
         "transform_every": args.transform_every,
         "eval_every": args.eval_every,
         "metric": args.metric,

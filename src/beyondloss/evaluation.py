@@ -11,6 +11,10 @@ example, the same weight average it had.
 ``evaluate``: a weight-averaged policy, flow, dynamics model or generator is rolled out exactly
 as the base model is, so post-hoc transforms are compared with the base on the deployed metric.
 
+:class:`StepAverageEvaluator` is the same for an average folded after every optimizer step
+(the per-step EMA of the DoPr paper's protocol): the loop calls its ``on_step`` after each
+step (:class:`beyondloss.train.StepHook`), and it evaluates the average at the epoch's end.
+
 :class:`LogitsEvaluator` puts the :class:`~beyondloss.posthoc.tracker.PosthocTracker` (per-epoch
 logits of a classifier and its SWA, for temperature scaling and ensembles chosen after training)
 in the same loop, checkpointed the same way.
@@ -102,6 +106,10 @@ class WeightAverageEvaluator:
 
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
         self.average.update(model, epoch)
+        return self._evaluate(epoch)
+
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        """The average's metrics if ``epoch`` is due and it holds a snapshot, else none."""
         due = epoch % self.every == 0 or epoch == self.last_epoch
         if not due or self.average.n_averaged == 0:
             return {}
@@ -119,6 +127,23 @@ class WeightAverageEvaluator:
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
         """Restore the average; ``model`` is the run's model, used as the template."""
         self.average.load_state_dict(state, model)
+
+
+class StepAverageEvaluator(WeightAverageEvaluator):
+    """:class:`WeightAverageEvaluator` of an average folded after every optimizer step.
+
+    :meth:`on_step` folds the model's weights (without recomputing BatchNorm statistics, which
+    happens once before each evaluation); calling the evaluator at the end of an epoch only
+    evaluates. ``average.start_epoch`` is ignored: every step is folded."""
+
+    def on_step(self, model: nn.Module) -> None:
+        """Fold the weights of the step just taken into the average."""
+        self.average.update(model, self.average.start_epoch, recompute_bn=False)
+
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        if self.average.n_averaged:
+            self.average.recompute_bn()
+        return self._evaluate(epoch)
 
 
 class LogitsEvaluator:

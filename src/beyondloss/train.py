@@ -7,8 +7,16 @@ epoch therefore leaves the checkpoint of the previous epoch, and the redone epoc
 any store rows it had already written.
 
 On CPU a resumed run is bitwise identical to an uninterrupted one: the checkpoint holds the
-model, the optimizer and every global RNG state (torch, CUDA, numpy, ``random``) as they were
-at the end of the epoch, and the shuffling order never depends on RNG history.
+model, the optimizer, the learning-rate schedule and every global RNG state (torch, CUDA, numpy,
+``random``) as they were at the end of the epoch, and the shuffling order never depends on RNG
+history.
+
+**Schedules and per-step hooks.** ``config.schedule`` and ``config.warmup`` set the learning
+rate of every optimizer step (:mod:`beyondloss.schedules`: the scheduler is stepped after each
+``optimizer.step()``, over ``epochs · ⌈n / batch_size⌉`` steps). An evaluator with an
+``on_step(model)`` method (a :class:`StepHook`, e.g. the per-step EMA of
+:class:`beyondloss.evaluation.StepAverageEvaluator`) is called after every optimizer step, on
+rank 0, before the next batch.
 
 **Data parallel.** Called on every rank of a ``torch.distributed`` process group of world size
 ``W > 1``, the loop trains one run on ``W`` processes: each global batch of
@@ -29,6 +37,7 @@ continues exactly.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
@@ -36,16 +45,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm import tqdm
 
+from beyondloss.schedules import check_schedule, make_scheduler
 from beyondloss.store import ResultsStore
 
 Evaluator = Callable[[nn.Module, int], Mapping[str, float]]
@@ -59,6 +70,14 @@ CHECKPOINT_NAME = "checkpoint.pt"
 """File name of the checkpoint inside a run directory."""
 
 _LOOP_METRICS = frozenset({"epoch", "train_loss", "epoch_seconds"})
+
+
+@runtime_checkable
+class StepHook(Protocol):
+    """An evaluator that also acts after every optimizer step (``model`` is the unwrapped
+    model, its weights just updated)."""
+
+    def on_step(self, model: nn.Module) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -78,12 +97,20 @@ class TrainConfig:
         ``optimizer.step()``), or ``None`` for no clipping. DoPr's activation preconditioner
         acts after it and may enlarge the gradient; ``DoPr(..., max_grad_norm=c)`` clips the
         preconditioned gradient instead.
+    schedule:
+        Learning-rate schedule, one of :data:`beyondloss.schedules.SCHEDULES`: ``"constant"``,
+        ``"cosine"`` or ``"linear"`` decay after the warmup, stepped per optimizer step.
+    warmup:
+        Fraction of the run's optimizer steps spent warming the learning rate up linearly,
+        in ``[0, 1)``.
     """
 
     epochs: int
     batch_size: int
     seed: int = 0
     grad_clip: float | None = None
+    schedule: str = "constant"
+    warmup: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -94,6 +121,12 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        check_schedule(self.schedule, self.warmup)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the learning rate changes over the run (a schedule or a warmup)."""
+        return self.schedule != "constant" or self.warmup > 0
 
 
 def train(
@@ -134,14 +167,27 @@ def train(
     if world > 1:
         _check_shardable(len(train_data), config.batch_size, world)
     history: list[dict[str, float]] = []
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    scheduler = (
+        make_scheduler(optimizer, config.schedule, config.warmup, config.epochs * steps_per_epoch)
+        if config.scheduled
+        else None
+    )
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if checkpoint is not None and checkpoint.exists():
-        history = _resume(checkpoint, model, optimizer, config, evaluators)
+        history = _resume(checkpoint, model, optimizer, config, evaluators, scheduler)
     else:
         _seed_everything(_rank_seed(config.seed, rank))
     start = len(history)
     net = _data_parallel(model) if world > 1 else model
     writes = rank == 0
+    hooks = [e for e in evaluators if isinstance(e, StepHook)] if writes else []
+
+    def after_step() -> None:
+        if scheduler is not None:
+            scheduler.step()
+        for hook in hooks:
+            hook.on_step(model)
 
     bar = tqdm(
         range(start + 1, config.epochs + 1),
@@ -152,7 +198,7 @@ def train(
     )
     for epoch in bar:
         began = time.perf_counter()
-        train_loss = _train_epoch(net, optimizer, train_data, loss_fn, config, epoch)
+        train_loss = _train_epoch(net, optimizer, train_data, loss_fn, config, epoch, after_step)
         record = {"epoch": float(epoch), "train_loss": train_loss}
         model.eval()
         if writes:
@@ -164,7 +210,9 @@ def train(
         if store is not None and run_id is not None and writes:
             store.log_epoch(run_id, epoch, {k: v for k, v in record.items() if k != "epoch"})
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, model, optimizer, config, history, evaluators)
+            _save_checkpoint(
+                checkpoint, model, optimizer, config, history, evaluators, scheduler
+            )
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
     bar.close()
 
@@ -231,8 +279,10 @@ def _train_epoch(
     loss_fn: LossFn,
     config: TrainConfig,
     epoch: int,
+    after_step: Callable[[], None] = lambda: None,
 ) -> float:
     """One pass over ``data`` in this epoch's order; returns the sample-weighted mean loss.
+    ``after_step`` runs after every optimizer step (the schedule, the step hooks).
 
     On rank ``r`` of ``W > 1`` ranks (``model`` is then the DDP wrapper) each batch of ``n``
     samples contributes its shard of ``n_r`` (:func:`_shard`), with the loss scaled by
@@ -250,6 +300,7 @@ def _train_epoch(
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        after_step()
         total = total + loss.detach().double() * len(shard)
         count += len(indices)
     if world > 1:
@@ -391,6 +442,7 @@ def _save_checkpoint(
     config: TrainConfig,
     history: list[dict[str, float]],
     evaluators: Sequence[Evaluator] = (),
+    scheduler: LRScheduler | None = None,
 ) -> None:
     """Write the checkpoint to a temporary file, fsync it, then rename it over ``path``.
 
@@ -411,6 +463,7 @@ def _save_checkpoint(
         "epoch": len(history),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
         "rng": rng,
         "config": asdict(config),
         "history": history,
@@ -438,13 +491,15 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     evaluators: Sequence[Evaluator] = (),
+    scheduler: LRScheduler | None = None,
 ) -> list[dict[str, float]]:
-    """Load the checkpoint into ``model``, ``optimizer``, the checkpointable evaluators and the
-    RNGs; return its history.
+    """Load the checkpoint into ``model``, ``optimizer``, the schedule, the checkpointable
+    evaluators and the RNGs; return its history.
 
     Raises ``ValueError`` if the checkpoint was written under a different batch size, seed,
-    gradient clip or number of ranks, already holds more epochs than ``config.epochs``, or
-    holds evaluator state that does not match ``evaluators``.
+    gradient clip, schedule, warmup or number of ranks (or, with a schedule, another number of
+    epochs, which sets the schedule's length), already holds more epochs than
+    ``config.epochs``, or holds evaluator state that does not match ``evaluators``.
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     rank, world = _rank_and_world()
@@ -452,8 +507,9 @@ def _resume(
     ranks = len(rng) if isinstance(rng, list) else 1
     if ranks != world:
         raise ValueError(f"checkpoint {path} was written by {ranks} ranks; this run has {world}")
-    saved = payload["config"]
-    for field in ("batch_size", "seed", "grad_clip"):
+    saved = {"schedule": "constant", "warmup": 0.0} | payload["config"]
+    fields = ("batch_size", "seed", "grad_clip", "schedule", "warmup")
+    for field in fields + (("epochs",) if config.scheduled else ()):
         if saved[field] != getattr(config, field):
             raise ValueError(
                 f"checkpoint {path} has {field}={saved[field]!r}, "
@@ -465,6 +521,8 @@ def _resume(
         )
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(payload["scheduler"])
     states = payload.get("evaluators", [None] * len(evaluators))
     stateful = [hasattr(evaluator, "state_dict") for evaluator in evaluators]
     if len(states) != len(evaluators) or stateful != [s is not None for s in states]:

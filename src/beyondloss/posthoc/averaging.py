@@ -5,8 +5,14 @@ Both keep one averaged copy of the model, updated online from snapshots ``θ_e``
 ``epoch >= start_epoch`` are folded in; with ``n`` snapshots ``θ_1..θ_n`` folded so far:
 
     SWA:  θ̄_n = (1/n) Σ_{k=1..n} θ_k        (online: θ̄_n = θ̄_{n-1} + (θ_n − θ̄_{n-1}) / n)
-    EMA:  θ̃_1 = θ_1,  θ̃_n = d · θ̃_{n-1} + (1 − d) · θ_n      (decay d ∈ [0, 1), no bias
-          correction, so the first snapshot carries weight d^{n-1})
+    EMA:  θ̃_1 = θ_1,  θ̃_n = d_n · θ̃_{n-1} + (1 − d_n) · θ_n   (decay d ∈ [0, 1))
+          d_n = d without warmup (no bias correction: the first snapshot carries d^{n-1});
+          d_n = min(d, n / (n + 9)) with ``warmup=True`` (the (1 + k)/(10 + k) rule of k = n − 1
+          snapshots already folded, as TensorFlow's ExponentialMovingAverage with num_updates),
+          so early snapshots fade as fast as a short average's
+
+The per-step EMA of a study (:class:`~beyondloss.evaluation.StepAverageEvaluator`) folds the
+weights after every optimizer step, with warmup; the per-epoch one folds end-of-epoch weights.
 
 The averaging is :class:`torch.optim.swa_utils.AveragedModel` on the parameters; buffers are
 copied from the latest snapshot. An averaged network has no BatchNorm statistics of its own,
@@ -32,6 +38,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+
+
+def ema_kind(decay: float) -> str:
+    """Kind name of the EMA with ``decay``, e.g. ``0.9 → "ema0.9"``."""
+    return f"ema{decay:g}"
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -139,25 +150,45 @@ class SWA(WeightAverage):
 class EMA(WeightAverage):
     """Exponential moving average of the snapshots since ``start_epoch`` with decay ``d``.
 
-    ``decay`` is per :meth:`update` call (per epoch when driven by the tracker): a snapshot
-    ``k`` updates old has weight ``(1 − d) d^k``; the effective window is ``1 / (1 − d)``
-    updates.
+    ``decay`` is per :meth:`update` call (per epoch when driven by the tracker, per optimizer
+    step by :class:`~beyondloss.evaluation.StepAverageEvaluator`): a snapshot ``k`` updates old
+    has weight ``(1 − d) d^k``; the effective window is ``1 / (1 − d)`` updates. With
+    ``warmup`` the decay of the ``n``-th snapshot is ``min(d, n / (n + 9))`` (module
+    docstring).
     """
 
     def __init__(
-        self, decay: float, start_epoch: int = 0, bn_loader: Iterable[Any] | None = None
+        self,
+        decay: float,
+        start_epoch: int = 0,
+        bn_loader: Iterable[Any] | None = None,
+        warmup: bool = False,
     ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         super().__init__(start_epoch=start_epoch, bn_loader=bn_loader)
         self.decay = decay
+        self.warmup = warmup
 
     def _wrap(self, model: nn.Module) -> AveragedModel:
-        return AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=False
-        )
+        average = _warmed_ema(self.decay) if self.warmup else get_ema_multi_avg_fn(self.decay)
+        return AveragedModel(model, multi_avg_fn=average, use_buffers=False)
 
     def __repr__(self) -> str:
         return (
-            f"EMA(decay={self.decay}, start_epoch={self.start_epoch}, n_averaged={self.n_averaged})"
+            f"EMA(decay={self.decay}, warmup={self.warmup}, start_epoch={self.start_epoch}, "
+            f"n_averaged={self.n_averaged})"
         )
+
+
+def _warmed_ema(decay: float) -> Any:
+    """``AveragedModel``'s ``multi_avg_fn`` of the EMA with decay warmup: with ``k`` snapshots
+    folded (``k >= 1``; the first is copied), fold the next with ``min(decay, (1+k)/(10+k))``."""
+
+    @torch.no_grad()
+    def fold(averaged: list[torch.Tensor], current: list[torch.Tensor], k: torch.Tensor) -> None:
+        folded = int(k)
+        step_decay = min(decay, (1 + folded) / (10 + folded))
+        torch._foreach_lerp_(averaged, current, 1.0 - step_decay)
+
+    return fold

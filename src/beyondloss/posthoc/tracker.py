@@ -39,15 +39,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from beyondloss.metrics.classification import StackedMetrics, classification_metrics
-from beyondloss.posthoc.averaging import EMA, SWA, WeightAverage
+from beyondloss.posthoc.averaging import EMA, SWA, WeightAverage, ema_kind
 
 SPLITS = ("val", "test")
 FLOAT16_MAX = 65504.0
-
-
-def ema_kind(decay: float) -> str:
-    """Kind name of the EMA with ``decay``, e.g. ``0.9 → "ema0.9"``."""
-    return f"ema{decay:g}"
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from beyondloss.distributed import launch
 from beyondloss.evaluation import (
     Deployment,
     LogitsEvaluator,
+    StepAverageEvaluator,
     WeightAverageEvaluator,
     calibrated,
     calibrated_deployment,
@@ -50,9 +51,10 @@ from beyondloss.optim.config import APConfig
 from beyondloss.optim.diagnostics import AMPLIFICATION_WARNING
 from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from beyondloss.optim.preconditioner import ActivationPreconditioner
-from beyondloss.posthoc.averaging import EMA, SWA
+from beyondloss.posthoc.averaging import EMA, SWA, WeightAverage, ema_kind
 from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.posthoc.tracker import PosthocTracker
+from beyondloss.schedules import check_schedule
 from beyondloss.selection.configs import (
     Pick,
     Summary,
@@ -82,7 +84,16 @@ from beyondloss.study.report import (
     write_csv,
     write_gains_csv,
 )
-from beyondloss.tasks import SIZES, TASKS, ClassifierTask, Task, TaskFactory, selecting, suite
+from beyondloss.tasks import (
+    SIZES,
+    TASKS,
+    ClassifierTask,
+    Task,
+    TaskFactory,
+    budgeted,
+    selecting,
+    suite,
+)
 from beyondloss.train import (
     CHECKPOINT_NAME,
     Evaluator,
@@ -110,8 +121,10 @@ DEFAULT_SEEDS = {"quick": 3, "full": 5}
 STORE_NAME = "beyondloss.db"
 """File name of the results store inside ``spec.out``."""
 
-WEIGHT_TRANSFORMS = ("swa", "ema")
-"""Weight-space transforms, evaluated in each run."""
+WEIGHT_TRANSFORMS = ("swa", "ema", "epoch-ema")
+"""Weight-space transforms, evaluated in each run: SWA of the end-of-epoch weights of the second
+half, the per-step EMA (one average per decay of :attr:`StudySpec.ema_decays`, named
+``ema<decay>``), and the EMA of the end-of-epoch weights (decay :data:`EPOCH_EMA_DECAY`)."""
 
 RUN_TRANSFORMS = (*WEIGHT_TRANSFORMS, "ts")
 """Transforms evaluated in each run (weight averages and temperature scaling): they change what
@@ -120,8 +133,11 @@ a run evaluates, so they tag its run id."""
 TRANSFORMS = (*RUN_TRANSFORMS, "ens")
 """Transforms a study evaluates beside the base model (see ``StudySpec``)."""
 
-EMA_DECAY = 0.9
-"""Per-epoch decay of the ``"ema"`` transform (a window of about 10 epochs)."""
+EPOCH_EMA_DECAY = 0.9
+"""Per-epoch decay of the ``"epoch-ema"`` transform (a window of about 10 epochs; no warmup)."""
+
+DEFAULT_EMA_DECAYS = (0.999,)
+"""Per-step decays of the ``"ema"`` transform when a spec names none."""
 
 DOPR_SETTINGS = {
     "damping": "damp",
@@ -174,9 +190,9 @@ class StudySpec:
     transforms:
         Weight-space transforms evaluated every epoch beside the base model, some of
         :data:`TRANSFORMS`: ``"swa"`` (uniform average of the end-of-epoch weights of the second
-        half of training) and ``"ema"`` (exponential average, decay :data:`EMA_DECAY` per
-        epoch). The averaged model is rolled out by the task's own ``evaluate`` on val and test
-        (metrics ``swa_val_<metric>``, ...). They tag the run ids of every optimizer. ``"ens"``
+        half of training), ``"ema"`` and ``"epoch-ema"`` (below). The averaged model is
+        rolled out by the task's own ``evaluate`` on val and test (metrics
+        ``swa_val_<metric>``, ...). They tag the run ids of every optimizer. ``"ens"``
         (needs two seeds or more) deploys the seeds of each configuration as one model
         (:class:`~beyondloss.posthoc.ensemble.OutputEnsemble`: the mean of their outputs, so a
         policy, dynamics model or velocity field is rolled out on the mean prediction) at the
@@ -187,14 +203,29 @@ class StudySpec:
         and of each weight average by the temperature fitted on its validation logits
         (``ts_...``, ``swa_ts_...``), and with ``"ens"`` adds the post-hoc paper's composition
         TS per member → mean → TS (``ens_ts_...``, ``swa_ens_ts_...``). It tags the run ids.
+        ``"ema"`` is the per-step EMA of the weights (folded after every optimizer step, decay
+        warmup ``min(d, (1+k)/(10+k))``), one average per decay of ``ema_decays`` (kinds
+        ``ema0.999``, ...); ``"epoch-ema"`` averages the end-of-epoch weights with decay
+        :data:`EPOCH_EMA_DECAY` per epoch and no warmup.
+    ema_decays:
+        Decays of the per-step ``"ema"`` transform, distinct, in ``(0, 1)``; several give one
+        average each in every run, so the decay is selected on validation like the lr.
     transform_every:
         Evaluate the transforms every ``transform_every`` epochs and at the last (the averages
-        are updated every epoch).
+        are updated every epoch, the per-step EMA every step).
     eval_every:
         Evaluate the base model's downstream metrics (the rollouts) every ``eval_every`` epochs
         and at the last; ``val_loss`` is evaluated every epoch. Between, the store holds no
         downstream value, so Kendall τ over checkpoints uses the evaluated epochs only. Tags the
         run ids of every optimizer (``-eval2``).
+    schedule, warmup:
+        The learning-rate schedule of every run (:mod:`beyondloss.schedules`: ``"constant"``,
+        ``"cosine"`` or ``"linear"`` decay, stepped per optimizer step) and the fraction of its
+        steps spent in linear warmup, in ``[0, 1)``. Anything but constant without warmup tags
+        the run ids (``-cosine-wu0.05``).
+    epochs:
+        Training epochs of every run, overriding the task's budget at ``size`` (``None``: the
+        task's own); tags the run ids (``-ep50``).
     metric:
         The downstream metric the study selects and reports by; ``None`` is the task's primary
         metric. Another (e.g. ``nll`` of a classifier, the metric temperature scaling changes)
@@ -233,8 +264,12 @@ class StudySpec:
     weight_decay: float = 0.0
     dopr: DoprSettings = field(default_factory=dict, hash=False)
     transforms: tuple[str, ...] = ()
+    ema_decays: tuple[float, ...] = DEFAULT_EMA_DECAYS
     transform_every: int = 1
     eval_every: int = 1
+    schedule: str = "constant"
+    warmup: float = 0.0
+    epochs: int | None = None
     metric: str | None = None
     workers: int = 2
     out: Path = field(default=Path("runs"))
@@ -282,6 +317,18 @@ class StudySpec:
             )
         if "ens" in transforms and seeds < 2:
             raise ValueError(f"the 'ens' transform needs seeds >= 2, got {seeds}")
+        ema_decays = tuple(float(d) for d in self.ema_decays)
+        if not ema_decays or not all(0.0 < d < 1.0 for d in ema_decays):
+            raise ValueError(f"ema_decays must lie in (0, 1), got {list(self.ema_decays)}")
+        if len({ema_kind(d) for d in ema_decays}) != len(ema_decays):
+            raise ValueError(f"ema_decays must be distinct, got {list(self.ema_decays)}")
+        if ema_decays != DEFAULT_EMA_DECAYS and "ema" not in transforms:
+            raise ValueError("ema_decays apply to the 'ema' transform; add it to transforms")
+        check_schedule(self.schedule, self.warmup)
+        if self.epochs is not None and (
+            isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1
+        ):
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
         # Only "ts" and a metric need the task itself (building some tasks imports MuJoCo).
         task = TASKS[self.task](self.size, DATA_SEED) if "ts" in transforms or self.metric else None
         if "ts" in transforms and not isinstance(task, ClassifierTask):
@@ -308,6 +355,8 @@ class StudySpec:
             raise ValueError("address applies to executor 'ray' only")
         object.__setattr__(self, "optimizers", optimizers)
         object.__setattr__(self, "transforms", transforms)
+        object.__setattr__(self, "ema_decays", ema_decays)
+        object.__setattr__(self, "warmup", float(self.warmup))
         object.__setattr__(self, "metric", metric)
         object.__setattr__(self, "lrs", lrs)
         object.__setattr__(self, "seeds", seeds)
@@ -348,14 +397,17 @@ class StudySpec:
         return self.out / self.name
 
     def make_task(self) -> Task:
-        """The study's task (data seed :data:`DATA_SEED`), judged by :attr:`metric`."""
+        """The study's task (data seed :data:`DATA_SEED`), judged by :attr:`metric`, trained
+        for :attr:`epochs` if set."""
         return self.factory(self.size, DATA_SEED)
 
     @property
     def factory(self) -> TaskFactory:
-        """The registry's factory of :attr:`task`, wrapped to judge by :attr:`metric` if set
-        (picklable)."""
+        """The registry's factory of :attr:`task`, wrapped to train for :attr:`epochs` and to
+        judge by :attr:`metric` if set (picklable)."""
         factory = TASKS[self.task]
+        if self.epochs is not None:
+            factory = partial(budgeted, factory, self.epochs)
         return factory if self.metric is None else partial(selecting, factory, self.metric)
 
     def study_of(self, optimizer: str) -> str:
@@ -378,13 +430,20 @@ class StudySpec:
 
     @property
     def weight_transforms(self) -> tuple[str, ...]:
-        """The weight-space transforms among :attr:`transforms`, in spec order."""
-        return tuple(name for name in self.transforms if name in WEIGHT_TRANSFORMS)
+        """The weight averages each run keeps, in spec order: ``swa``, ``epoch-ema``, and
+        ``"ema"`` expanded into one ``ema<decay>`` per decay of :attr:`ema_decays`."""
+        names: list[str] = []
+        for name in self.transforms:
+            if name == "ema":
+                names += [ema_kind(decay) for decay in self.ema_decays]
+            elif name in WEIGHT_TRANSFORMS:
+                names.append(name)
+        return tuple(names)
 
     @property
     def run_transforms(self) -> tuple[str, ...]:
-        """The transforms each run evaluates (:data:`RUN_TRANSFORMS` among :attr:`transforms`)."""
-        return tuple(name for name in self.transforms if name in RUN_TRANSFORMS)
+        """The transforms each run evaluates: :attr:`weight_transforms`, then ``"ts"``."""
+        return self.weight_transforms + (("ts",) if "ts" in self.transforms else ())
 
     @property
     def ensembles(self) -> tuple[str, ...]:
@@ -416,8 +475,12 @@ class StudySpec:
 
     @property
     def _base_tag(self) -> str:
-        """Tags of the settings that change every optimizer's runs: weight decay, transforms."""
+        """Tags of the settings that change every optimizer's runs: weight decay, budget,
+        schedule, evaluation cadence, transforms, metric."""
         tag = f"-wd{self.weight_decay:g}" if self.weight_decay else ""
+        tag += f"-ep{self.epochs}" if self.epochs is not None else ""
+        if self.schedule != "constant" or self.warmup:
+            tag += f"-{self.schedule}" + (f"-wu{self.warmup:g}" if self.warmup else "")
         tag += f"-eval{self.eval_every}" if self.eval_every != 1 else ""
         if self.run_transforms:
             tag += "-" + "+".join(self.run_transforms)
@@ -544,6 +607,9 @@ class RunJob:
     db: Path
     study: str
     transforms: tuple[str, ...] = ()
+    """The run's transforms (:attr:`StudySpec.run_transforms`: weight averages, ``ts``)."""
+    schedule: str = "constant"
+    warmup: float = 0.0
     transform_every: int = 1
     eval_every: int = 1
     data_seed: int = DATA_SEED
@@ -763,6 +829,8 @@ def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
         db=spec.out / STORE_NAME,
         study=spec.study_of(optimizer),
         transforms=spec.run_transforms,
+        schedule=spec.schedule,
+        warmup=spec.warmup,
         transform_every=spec.transform_every,
         eval_every=spec.eval_every,
         ddp=spec.ddp,
@@ -868,7 +936,7 @@ def _evaluators(task: Task, job: RunJob) -> list[Evaluator]:
 
 def rebuild(job: RunJob, kind: str = "base", checkpoint: Path | None = None) -> nn.Module:
     """The final model of ``job``'s run from its checkpoint: ``"base"``, the weight average
-    ``kind`` (``"swa"`` or ``"ema"``, one of ``job.transforms``) as it was when the run
+    ``kind`` (``"swa"``, ``"ema0.999"``, ..., one of ``job.transforms``) as it was when the run
     evaluated it last, or either scaled by its fitted temperature (``"ts"``, ``"swa_ts"``; the
     fit is deterministic, so the temperature is the one the run found). ``checkpoint`` is the
     file to load; ``None`` looks it up in the store (:func:`checkpoint_of`).
@@ -919,7 +987,7 @@ def _checkpoints(store: ResultsStore, job: _EnsembleJob) -> tuple[Path, ...]:
 def _run_kinds(transforms: Sequence[str]) -> tuple[str, ...]:
     """The models a run with ``transforms`` evaluates: ``base``, each weight average, and with
     ``"ts"`` each of them temperature-scaled (``ts``, ``swa_ts``, ...)."""
-    sources = ("base", *(name for name in transforms if name in WEIGHT_TRANSFORMS))
+    sources = ("base", *(name for name in transforms if name != "ts"))
     scaled = tuple("ts" if s == "base" else f"{s}_ts" for s in sources)
     return sources + (scaled if "ts" in transforms else ())
 
@@ -948,7 +1016,7 @@ def _ensemble_one(job: _EnsembleJob, checkpoints: Sequence[Path]) -> RunRecord:
         torch.load(path, weights_only=False)["epoch"] == task.epochs for path in checkpoints
     )
     metrics: dict[str, float] = {}
-    sources = ("base", *(name for name in first.transforms if name in WEIGHT_TRANSFORMS))
+    sources = ("base", *(name for name in first.transforms if name != "ts"))
     for kind, scaled in [(k, False) for k in sources] + [
         (k, True) for k in sources if "ts" in first.transforms
     ]:
@@ -1015,7 +1083,13 @@ def _train_run(job: RunJob) -> RunRecord:
     """:func:`_run_one` in this process (one rank of the run under DDP)."""
     task = job.factory(job.size, job.data_seed)
     splits = task.splits()
-    config = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, seed=job.seed)
+    config = TrainConfig(
+        epochs=task.epochs,
+        batch_size=task.batch_size,
+        seed=job.seed,
+        schedule=job.schedule,
+        warmup=job.warmup,
+    )
     torch.manual_seed(job.seed)
     model = task.make_model()
     optimizer = make_optimizer(
@@ -1036,6 +1110,8 @@ def _train_run(job: RunJob) -> RunRecord:
     if job.transforms:
         record |= {"transforms": list(job.transforms), "transform_every": job.transform_every}
     record |= {"eval_every": job.eval_every} if job.eval_every != 1 else {}
+    if config.scheduled:
+        record |= {"schedule": job.schedule, "warmup": job.warmup}
     record |= {"ddp": job.ddp} if job.ddp != 1 else {}
     checkpoint = job.run_dir / CHECKPOINT_NAME
     try:
@@ -1076,26 +1152,42 @@ def _transform_evaluators(task: Task, job: RunJob) -> list[Evaluator]:
     """The weight averages ``job.transforms`` asks for, each rolled out on val and test; with
     ``"ts"`` also each average and the base model temperature-scaled (``swa_ts_...``,
     ``ts_...``) at the same cadence."""
-    averages = {
-        "swa": lambda: SWA(start_epoch=swa_start(task.epochs)),
-        "ema": lambda: EMA(EMA_DECAY),
-    }
     deployments: dict[str, Deployment] = {
         "val": lambda model: task.evaluate(model, "val", primary_only=True),
         "test": lambda model: task.evaluate(model, "test"),
     }
     if "ts" in job.transforms:
         deployments["ts"] = calibrated_deployment(task, dict(deployments))  # type: ignore[arg-type]
-    evaluators: list[Evaluator] = [
-        WeightAverageEvaluator(
-            name, averages[name](), deployments, job.transform_every, last_epoch=task.epochs
+    evaluators: list[Evaluator] = []
+    for name in job.transforms:
+        if name == "ts":
+            continue
+        average, per_step = weight_average(name, task.epochs)
+        evaluator = StepAverageEvaluator if per_step else WeightAverageEvaluator
+        evaluators.append(
+            evaluator(name, average, deployments, job.transform_every, last_epoch=task.epochs)
         )
-        for name in job.transforms
-        if name in WEIGHT_TRANSFORMS
-    ]
     if "ts" in job.transforms:
         evaluators.append(_deployed("ts", deployments["ts"], job.transform_every, task.epochs))
     return evaluators
+
+
+def weight_average(name: str, epochs: int) -> tuple[WeightAverage, bool]:
+    """The fresh average of weight transform ``name`` (one of :attr:`StudySpec.weight_transforms`)
+    in a run of ``epochs`` epochs, and whether it is folded after every optimizer step."""
+    if name == "swa":
+        return SWA(start_epoch=swa_start(epochs)), False
+    if name == "epoch-ema":
+        return EMA(EPOCH_EMA_DECAY), False
+    return EMA(_ema_decay(name), warmup=True), True
+
+
+def _ema_decay(name: str) -> float:
+    """The decay of a per-step EMA kind, ``ema0.999 → 0.999``."""
+    decay = float(name.removeprefix("ema"))
+    if ema_kind(decay) != name:
+        raise ValueError(f"not a weight transform: {name!r}")
+    return decay
 
 
 def _deployed(name: str, deploy: Deployment, every: int, last_epoch: int) -> Evaluator:
@@ -1139,12 +1231,19 @@ def _downstream(task: Task, split: str, every: int = 1) -> Evaluator:
     return evaluate
 
 
-_LABEL_PARTS = {"swa": "SWA", "ema": "EMA", "ens": "Ens", "ts": "TS"}
+_LABEL_PARTS = {"swa": "SWA", "epoch-ema": "EMA-of-epochs", "ens": "Ens", "ts": "TS"}
 
 
 def transform_label(name: str) -> str:
-    """How reports name a transform: ``swa_ens_ts`` → ``SWA+Ens+TS``."""
-    return "+".join(_LABEL_PARTS.get(part, part) for part in name.split("_"))
+    """How reports name a transform: ``swa_ens_ts`` → ``SWA+Ens+TS``, ``ema0.999`` →
+    ``EMA0.999/step`` (the per-step EMA), ``epoch-ema`` → ``EMA-of-epochs``."""
+    return "+".join(_label_part(part) for part in name.split("_"))
+
+
+def _label_part(part: str) -> str:
+    if part in _LABEL_PARTS:
+        return _LABEL_PARTS[part]
+    return f"EMA{part.removeprefix('ema')}/step" if part.startswith("ema") else part
 
 
 _DIAGNOSTICS = (
@@ -1433,7 +1532,11 @@ def _transforms_text(spec: StudySpec, task: Task) -> str:
     """What each transform the study evaluates is, in one paragraph."""
     text = {
         "swa": f"SWA averages the end-of-epoch weights from epoch {swa_start(task.epochs)} on.",
-        "ema": f"EMA averages the end-of-epoch weights with decay {EMA_DECAY} per epoch.",
+        "ema": "EMA/step averages the weights after every optimizer step, with decay "
+        f"{', '.join(f'{d:g}' for d in spec.ema_decays)} and the warmup min(d, (1+k)/(10+k)) "
+        "over the k steps folded.",
+        "epoch-ema": "EMA-of-epochs averages the end-of-epoch weights (not every step) with "
+        f"decay {EPOCH_EMA_DECAY} per epoch and no warmup.",
         "ens": f"Ens deploys the final models of the {spec.grid_seeds} seeds as one model (the "
         "mean of their outputs; SWA+Ens: of their SWA models), a single model per "
         "configuration and so without a spread.",

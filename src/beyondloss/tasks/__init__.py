@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from beyondloss.tasks.base import ClassifierTask, SelectedMetric, Splits, Task
+from beyondloss.tasks.base import Budgeted, ClassifierTask, SelectedMetric, Splits, Task
 from beyondloss.tasks.dynamics import Lorenz63Task, Lorenz96Task, LorenzConfig
 from beyondloss.tasks.finetuning import make_finetuning_task
 from beyondloss.tasks.flow import DATASETS as FLOW_DATASETS
@@ -32,6 +32,12 @@ def selecting(factory: TaskFactory, metric: str, size: str, data_seed: int) -> T
     """The task of ``factory`` judged by ``metric`` (:class:`SelectedMetric`); bind ``factory``
     and ``metric`` with ``functools.partial`` for a picklable factory."""
     return SelectedMetric(factory(size, data_seed), metric)
+
+
+def budgeted(factory: TaskFactory, epochs: int, size: str, data_seed: int) -> Task:
+    """The task of ``factory`` trained for ``epochs`` epochs (:class:`Budgeted`); bind
+    ``factory`` and ``epochs`` with ``functools.partial`` for a picklable factory."""
+    return Budgeted(factory(size, data_seed), epochs)
 
 
 def _check_size(size: str) -> None:
@@ -107,11 +113,13 @@ __all__ = [
     "QUICK_SUITE",
     "SIZES",
     "TASKS",
+    "Budgeted",
     "ClassifierTask",
     "SelectedMetric",
     "Splits",
     "Task",
     "TaskFactory",
+    "budgeted",
     "lorenz",
     "lorenz96",
     "make_task",

@@ -148,3 +148,20 @@ class SelectedMetric:
         if name == "task":  # not yet set (e.g. during unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.task, name)
+
+
+class Budgeted:
+    """``task`` trained for ``epochs`` epochs instead of its own budget; everything else
+    (data, model, loss, rollouts, batch size) is the task's own. Studies use it for
+    ``--epochs``."""
+
+    def __init__(self, task: Task, epochs: int) -> None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        self.task = task
+        self.epochs = epochs
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "task":  # not yet set (e.g. during unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.task, name)
