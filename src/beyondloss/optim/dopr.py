@@ -14,10 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from beyondloss.optim.bases import AdaMuon, Signum
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.preconditioner import ActivationPreconditioner
 
-BASES = ("adamw", "adam", "sgd", "muon")
+BASES = ("adamw", "adam", "sgd", "muon", "signum", "adamuon")
+MATRIX_BASES = {"muon": torch.optim.Muon, "adamuon": AdaMuon}
+"""Bases that step hidden ``nn.Linear`` weights only (the rest goes to AdamW)."""
 SGD_DECAY_KEY = "dopr_decoupled_weight_decay"
 """Param-group key of SGD's decoupled weight decay (torch's SGD only couples it as L2)."""
 
@@ -136,6 +139,10 @@ class DoPr(Optimizer):
                                                # SGD momentum on M, exactly as on a raw gradient
           θ ← (1 − η λ_wd) θ − η D             # decoupled weight decay ("adam": torch's L2)
 
+    ``base="signum"`` is :class:`~beyondloss.optim.bases.Signum` on every parameter;
+    ``base="adamuon"`` is :class:`~beyondloss.optim.bases.AdaMuon` on the weights Muon would
+    take, AdamW on the rest, as for Muon.
+
     ``base="muon"`` follows the usual convention: ``torch.optim.Muon`` (with
     ``adjust_lr_fn="match_rms_adamw"``, so one learning rate and weight decay serve both
     parts) on the 2-D weights of hidden ``nn.Linear`` layers, and AdamW on everything Muon
@@ -156,7 +163,8 @@ class DoPr(Optimizer):
         Optional parameters or parameter groups, as torch optimizers take them (default: all
         of ``model.parameters()``). Groups may set their own ``lr``, ``weight_decay``, ... .
     base:
-        ``"adamw"``, ``"adam"``, ``"sgd"`` (momentum 0.9 unless given), ``"muon"``, or an
+        ``"adamw"``, ``"adam"``, ``"sgd"`` (momentum 0.9 unless given), ``"muon"``,
+        ``"signum"``, ``"adamuon"``, or an
         ``Optimizer`` class, constructed as ``base(groups, lr=lr, weight_decay=weight_decay,
         **base_kwargs)`` (``weight_decay`` is left out for classes without it, if it is 0).
     lr, weight_decay:
@@ -256,12 +264,15 @@ class DoPr(Optimizer):
             kwargs = {"momentum": 0.9, **kwargs}
             groups = [self._sgd_group(g, weight_decay) for g in groups]
             return [torch.optim.SGD(groups, lr=lr, weight_decay=0.0, **kwargs)]
+        if base == "signum":
+            return [Signum(groups, lr=lr, weight_decay=weight_decay, **kwargs)]
         muon_groups, adamw_groups = self._split_for_muon(groups)
         optimizers: list[Optimizer] = []
         if muon_groups:
-            muon_kwargs = {"adjust_lr_fn": "match_rms_adamw", **kwargs}
-            muon = torch.optim.Muon(muon_groups, lr=lr, weight_decay=weight_decay, **muon_kwargs)
-            optimizers.append(muon)
+            if base == "muon":
+                kwargs = {"adjust_lr_fn": "match_rms_adamw", **kwargs}
+            matrix = MATRIX_BASES[base](muon_groups, lr=lr, weight_decay=weight_decay, **kwargs)
+            optimizers.append(matrix)
         if adamw_groups:
             optimizers.append(torch.optim.AdamW(adamw_groups, lr=lr, weight_decay=weight_decay))
         self._mirror_muon_betas(optimizers)
@@ -281,7 +292,7 @@ class DoPr(Optimizer):
         for group in groups:
             if any(isinstance(p, nn.parameter.UninitializedParameter) for p in group["params"]):
                 raise ValueError(
-                    "base='muon' needs the parameter shapes: run one forward through the "
+                    f"base={self.base!r} needs the parameter shapes: run one forward through the "
                     "lazy modules before building DoPr"
                 )
         muon_ids = {id(p) for p in muon_parameter_split(self.model, self.adamw_modules)[0]}
@@ -312,9 +323,10 @@ class DoPr(Optimizer):
             super().add_param_group(param_group)  # during Optimizer.__init__ only
             return
         (group,) = _groups(self.model, [param_group])
-        if self._base_class == "muon":
+        if self._base_class in MATRIX_BASES:
             muon_groups, adamw_groups = self._split_for_muon([group])
-            by_kind = {torch.optim.Muon: muon_groups, torch.optim.AdamW: adamw_groups}
+            matrix = MATRIX_BASES[self._base_class]
+            by_kind = {matrix: muon_groups, torch.optim.AdamW: adamw_groups}
             for kind, parts in by_kind.items():
                 if not parts:
                     continue

@@ -13,7 +13,18 @@ from torch import nn
 
 from beyondloss.optim.dopr import DoPr
 
-OPTIMIZER_NAMES = ("adamw", "dopr-adamw", "muon", "dopr-muon", "sgd", "dopr-sgd")
+OPTIMIZER_NAMES = (
+    "adamw",
+    "dopr-adamw",
+    "muon",
+    "dopr-muon",
+    "sgd",
+    "dopr-sgd",
+    "signum",
+    "dopr-signum",
+    "adamuon",
+    "dopr-adamuon",
+)
 
 
 def make_optimizer(
