@@ -478,7 +478,11 @@ class ControlConfig:
         held-out ones included) and :math:`\\sigma_{\\text{eval}}` (evaluation), in units of
         the control range (commands lie in ``[-1, 1]``).
     hidden, depth:
-        Width and number of hidden layers of the policy MLP.
+        Width and number of hidden layers of the policy MLP (residual blocks of the
+        ``"residual"`` policy).
+    policy:
+        ``"mlp"`` (:class:`BCPolicy`) or ``"residual"`` (:class:`ResidualPolicy`, the
+        residual MLP of the DoPr paper's Humanoid experiment).
     epochs, batch_size:
         Training budget: passes over the training pairs, and pairs per optimizer step.
     """
@@ -493,6 +497,7 @@ class ControlConfig:
     eval_action_noise: float = 0.15
     hidden: int = 64
     depth: int = 2
+    policy: str = "mlp"
     epochs: int = 5
     batch_size: int = 64
 
@@ -505,6 +510,10 @@ class ControlConfig:
             if not 1 <= getattr(self, name) <= SEED_RANGE:
                 raise ValueError(f"{name} must be in [1, {SEED_RANGE}], got {getattr(self, name)}")
         require_positive(self, ("hidden", "depth", "epochs", "batch_size"))
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"unknown policy {self.policy!r}; expected one of {', '.join(POLICIES)}"
+            )
         for name in ("demo_action_noise", "eval_action_noise"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
@@ -666,6 +675,50 @@ class BCPolicy(nn.Module):
         return self.net((observation - self.obs_mean) / self.obs_scale)
 
 
+class ResidualPolicy(nn.Module):
+    """Residual MLP policy on standardized observations, :math:`z = (o - \\mu) / s`:
+
+    .. code-block:: text
+
+        h_0 = W_in z
+        h_k = h_{k-1} + W_k2 GELU(W_k1 LayerNorm(h_{k-1}))     k = 1..depth
+        a   = W_out LayerNorm(h_depth)
+
+    every block ``hidden → 2·hidden → hidden``. Same input and output convention as
+    :class:`BCPolicy`. AP preconditions every ``nn.Linear``; the LayerNorm gains go to the base
+    optimizer alone.
+    """
+
+    def __init__(
+        self, obs_mean: torch.Tensor, obs_scale: torch.Tensor, act_dim: int, hidden: int, depth: int
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(obs_mean.shape[0], hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(hidden),
+                nn.Linear(hidden, 2 * hidden),
+                nn.GELU(),
+                nn.Linear(2 * hidden, hidden),
+            )
+            for _ in range(depth)
+        )
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, act_dim))
+        self.register_buffer("obs_mean", obs_mean.detach().clone())
+        self.register_buffer("obs_scale", obs_scale.detach().clone())
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        """Actions ``(B, d_act)`` for observations ``(B, d_obs)``."""
+        h = self.embed((observation - self.obs_mean) / self.obs_scale)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+POLICIES = {"mlp": BCPolicy, "residual": ResidualPolicy}
+"""Policy architectures of :attr:`ControlConfig.policy`."""
+
+
 @dataclass(frozen=True)
 class Demonstrations:
     """Expert demonstrations of one :class:`ControlConfig`.
@@ -772,10 +825,11 @@ class BehaviorCloningTask(ConfiguredTask):
         return demonstrations(self.config).splits
 
     def make_model(self) -> nn.Module:
-        """A fresh :class:`BCPolicy` (d_obs → hidden × depth → d_act); global torch RNG."""
+        """A fresh policy of ``config.policy`` (:class:`BCPolicy`: d_obs → hidden × depth →
+        d_act; or :class:`ResidualPolicy`); global torch RNG."""
         data = demonstrations(self.config)
         act_dim = data.splits.train.tensors[1].shape[1]
-        return BCPolicy(
+        return POLICIES[self.config.policy](
             data.obs_mean, data.obs_scale, act_dim, self.config.hidden, self.config.depth
         )
 
@@ -834,6 +888,8 @@ __all__ = [
     "FULL",
     "QUICK",
     "BCPolicy",
+    "POLICIES",
+    "ResidualPolicy",
     "BehaviorCloningTask",
     "ControlConfig",
     "ControlEnv",
