@@ -105,3 +105,24 @@ def test_the_ema_transform_keeps_one_average_per_decay() -> None:
     for bad in ((1.0,), (0.0,), ()):
         with pytest.raises(ValueError, match=r"ema_decays must lie in \(0, 1\)"):
             StudySpec("lorenz", transforms=("ema",), ema_decays=bad)
+
+
+def test_checkpoint_choice_takes_the_epoch_validation_selects_and_labels_the_oracle() -> None:
+    from beyondloss.selection.checkpoints import best_epoch_metrics
+
+    nan = math.nan
+    curves = {
+        "epoch": [1.0, 2.0, 3.0, 4.0],
+        "val_score": [nan, 0.5, nan, 0.4],
+        "test_score": [nan, 0.3, nan, 0.6],
+        "ema0.9_val_score": [0.1, 0.7, 0.2, 0.7],  # a tie: the earliest epoch
+        "ema0.9_test_score": [0.9, 0.2, 0.1, 0.4],
+    }
+    got = best_epoch_metrics(curves, ("", "ema0.9_", "swa_"), "score", higher_is_better=True)
+    assert got["val_score@best"] == 0.5 and got["test_score@best"] == 0.3
+    assert got["epoch@best"] == 2.0 and got["test_score@oracle"] == 0.6
+    assert got["ema0.9_epoch@best"] == 2.0 and got["ema0.9_test_score@best"] == 0.2
+    assert got["ema0.9_test_score@oracle"] == 0.9
+    assert all(math.isnan(got[f"swa_{name}"]) for name in ("epoch@best", "test_score@oracle"))
+    lower = best_epoch_metrics(curves, ("",), "score", higher_is_better=False)
+    assert lower["epoch@best"] == 4.0 and lower["test_score@oracle"] == 0.3

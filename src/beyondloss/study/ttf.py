@@ -55,11 +55,13 @@ from beyondloss.posthoc.averaging import EMA, SWA, WeightAverage, ema_kind
 from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.posthoc.tracker import PosthocTracker
 from beyondloss.schedules import check_schedule
+from beyondloss.selection.checkpoints import best_epoch_metrics
 from beyondloss.selection.configs import (
     Pick,
     Summary,
     best_pick,
     deploy_choices,
+    rank_key,
     select_lr,
     summarize,
 )
@@ -639,14 +641,16 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
             if spec.ensembles
         }
     task = spec.make_task()
+    higher = task.higher_is_better[task.primary_metric]
+    prefixes = ("", *(f"{name}_" for name in spec.weight_transforms))
     finals = {
         key: {name: values[-1] for name, values in run.items() if name != "epoch"}
+        | best_epoch_metrics(run, prefixes, task.primary_metric, higher)
         for key, run in curves.items()
     }
     summaries = with_ensembles(summarize(finals), ensembles)
     primary = f"val_{task.primary_metric}"
     test_primary = f"test_{task.primary_metric}"
-    higher = task.higher_is_better[task.primary_metric]
     by_val_loss = select_lr(summaries, "val_loss", higher_is_better=False)
     by_downstream = select_lr(summaries, primary, higher_is_better=higher)
     selections = {"val_loss": by_val_loss, primary: by_downstream}
@@ -658,6 +662,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         "transforms": _transforms_table(spec, summaries, by_val_loss, task, directions),
         "diagnostics": _diagnostics_table(by_val_loss, test_primary),
         "deploy": _deploy_table(spec, summaries, task),
+        "checkpoints": _checkpoint_table(spec, summaries, task),
         "val_loss": markdown_table(list(by_val_loss.values()), metrics, directions),
         "downstream": markdown_table(list(by_downstream.values()), metrics, directions),
         "dopr_vs_base": gains_table(gains, [test_primary, "val_loss"], directions),
@@ -1302,6 +1307,36 @@ def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
     return "\n".join(lines) + "\n\n" + regret_text + "\n\n" + "\n".join(regrets)
 
 
+def _checkpoint_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
+    """Per optimizer and model kind (base, each weight average): test primary metric at the
+    final epoch (lr by the kind's final val metric), at the epoch the kind's own val metric
+    selects in each run (lr by that selected val value; the mean selected epoch beside it), and
+    the test oracle over epochs and lrs (:mod:`beyondloss.selection.checkpoints`)."""
+    metric, higher = task.primary_metric, task.higher_is_better[task.primary_metric]
+    head = ["optimizer", "model", "final epoch", "epoch selected by val", "selected epoch",
+            "test oracle (not a selection)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|---|--:|--:|--:|--:|"]
+    for prefix in ("", *(f"{name}_" for name in spec.weight_transforms)):
+        final = select_lr(summaries, f"{prefix}val_{metric}", higher_is_better=higher)
+        best = select_lr(summaries, f"{prefix}val_{metric}@best", higher_is_better=higher)
+        oracle_name = f"{prefix}test_{metric}@oracle"
+        for optimizer in spec.optimizers:
+            own = [s for s in summaries if s.optimizer == optimizer and oracle_name in s.mean]
+            oracle = min(own, key=lambda s: rank_key(s.mean[oracle_name], higher))
+            chosen = best[optimizer]
+            cells = [
+                optimizer,
+                transform_label(prefix.removesuffix("_")) if prefix else "base",
+                f"{format_cell(final[optimizer], f'{prefix}test_{metric}')} "
+                f"@{format_lr(final[optimizer].lr)}",
+                f"{format_cell(chosen, f'{prefix}test_{metric}@best')} @{format_lr(chosen.lr)}",
+                f"{chosen.mean[f'{prefix}epoch@best']:.1f}",
+                f"{format_cell(oracle, oracle_name)} @{format_lr(oracle.lr)}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _joint_cell(pick: Pick, primary: str) -> str:
     """``<model> @<lr>: <test metric>``, the model named by its transform label or ``base``."""
     model = transform_label(pick.prefix.removesuffix("_")) if pick.prefix else "base"
@@ -1477,6 +1512,19 @@ def _markdown(
         "of it.",
         "",
         tables["deploy"],
+        "",
+    ]
+    lines += [
+        "## Checkpoint choice: final epoch or the epoch validation selects",
+        "",
+        f"Test `{task.primary_metric}` of each model kind (mean ± {CI_LABEL} half-width over "
+        "seeds) at the final epoch, and at the epoch each run's own validation "
+        f"`{task.primary_metric}` of that model selects among its evaluated epochs (the lr "
+        "selected by the same value; selected epoch: the mean over seeds). The test oracle is "
+        "each run's best test value over its evaluated epochs, at the best lr: not a choice a "
+        "user can make, an upper bound on checkpoint selection.",
+        "",
+        tables["checkpoints"],
         "",
     ]
     lines += _optional_sections(spec, task, tables)
