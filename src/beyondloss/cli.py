@@ -484,20 +484,10 @@ def _export(args: argparse.Namespace, study: dict) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
-
-    Invalid input exits through ``SystemExit(2)`` with argparse's usage message. ``ttf all``
-    returns 1 if a task's study failed (its traceback goes to stderr), 0 otherwise.
-    """
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(arguments)
-    if args.command == "posthoc":
-        return args.func(args)
-    if args.command == "runs":
-        return _runs(args)
-    study = {
+def study_fields(args: argparse.Namespace) -> dict:
+    """The :class:`StudySpec` fields that name a study's runs, from parsed ``study`` or
+    ``export`` arguments (the executor's fields are added by :func:`main`)."""
+    return {
         "optimizers": args.optimizers,
         "lrs": args.lrs,
         "seeds": args.seeds,
@@ -515,6 +505,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metric": args.metric,
         "out": args.out,
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Invalid input exits through ``SystemExit(2)`` with argparse's usage message. ``ttf all``
+    returns 1 if a task's study failed (its traceback goes to stderr), 0 otherwise.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(arguments)
+    if args.command == "posthoc":
+        return args.func(args)
+    if args.command == "runs":
+        return _runs(args)
+    study = study_fields(args)
     if args.command == "export":
         return _export(args, study)
     study["workers"] = args.workers
