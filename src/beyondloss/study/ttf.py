@@ -319,18 +319,7 @@ class StudySpec:
             )
         if "ens" in transforms and seeds < 2:
             raise ValueError(f"the 'ens' transform needs seeds >= 2, got {seeds}")
-        ema_decays = tuple(float(d) for d in self.ema_decays)
-        if not ema_decays or not all(0.0 < d < 1.0 for d in ema_decays):
-            raise ValueError(f"ema_decays must lie in (0, 1), got {list(self.ema_decays)}")
-        if len({ema_kind(d) for d in ema_decays}) != len(ema_decays):
-            raise ValueError(f"ema_decays must be distinct, got {list(self.ema_decays)}")
-        if ema_decays != DEFAULT_EMA_DECAYS and "ema" not in transforms:
-            raise ValueError("ema_decays apply to the 'ema' transform; add it to transforms")
-        check_schedule(self.schedule, self.warmup)
-        if self.epochs is not None and (
-            isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1
-        ):
-            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        ema_decays = _check_protocol(self, transforms)
         # Only "ts" and a metric need the task itself (building some tasks imports MuJoCo).
         task = TASKS[self.task](self.size, DATA_SEED) if "ts" in transforms or self.metric else None
         if "ts" in transforms and not isinstance(task, ClassifierTask):
@@ -516,6 +505,24 @@ def grid_values(label: str, values: Sequence[float], allow_zero: bool = False) -
     if len({format_lr(v) for v in out}) != len(out):
         raise ValueError(f"{label} must be distinct, got {list(out)}")
     return out
+
+
+def _check_protocol(spec: StudySpec, transforms: tuple[str, ...]) -> tuple[float, ...]:
+    """Validate ``spec``'s training protocol (EMA decays, schedule, warmup, epochs); the EMA
+    decays as floats."""
+    ema_decays = tuple(float(d) for d in spec.ema_decays)
+    if not ema_decays or not all(0.0 < d < 1.0 for d in ema_decays):
+        raise ValueError(f"ema_decays must lie in (0, 1), got {list(spec.ema_decays)}")
+    if len({ema_kind(d) for d in ema_decays}) != len(ema_decays):
+        raise ValueError(f"ema_decays must be distinct, got {list(spec.ema_decays)}")
+    if ema_decays != DEFAULT_EMA_DECAYS and "ema" not in transforms:
+        raise ValueError("ema_decays apply to the 'ema' transform; add it to transforms")
+    check_schedule(spec.schedule, spec.warmup)
+    epochs = spec.epochs
+    bad = isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+    if epochs is not None and bad:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    return ema_decays
 
 
 def _is_classifier(factory: TaskFactory) -> bool:
@@ -1514,20 +1521,7 @@ def _markdown(
         tables["deploy"],
         "",
     ]
-    lines += [
-        "## Checkpoint choice: final epoch or the epoch validation selects",
-        "",
-        f"Test `{task.primary_metric}` of each model kind (mean ± {CI_LABEL} half-width over "
-        "seeds) at the final epoch, and at the epoch each run's own validation "
-        f"`{task.primary_metric}` of that model selects among its evaluated epochs (the lr "
-        "selected by the same value; selected epoch: the mean over seeds). The test oracle is "
-        "each run's best test value over its evaluated epochs, at the best lr: not a choice a "
-        "user can make, an upper bound on checkpoint selection.",
-        "",
-        tables["checkpoints"],
-        "",
-    ]
-    lines += _optional_sections(spec, task, tables)
+    lines += _checkpoint_section(task, tables) + _optional_sections(spec, task, tables)
     lines += [
         "## Val loss vs downstream metric",
         "",
@@ -1544,6 +1538,25 @@ def _markdown(
         "![val loss and test metric per epoch at the val-loss-selected lr](curves.png)",
     ]
     return "\n".join(lines)
+
+
+def _checkpoint_section(task: Task, tables: Mapping[str, str]) -> list[str]:
+    """The report's section on checkpoint choice (final epoch, val-selected epoch, oracle)."""
+    lines: list[str] = []
+    lines += [
+        "## Checkpoint choice: final epoch or the epoch validation selects",
+        "",
+        f"Test `{task.primary_metric}` of each model kind (mean ± {CI_LABEL} half-width over "
+        "seeds) at the final epoch, and at the epoch each run's own validation "
+        f"`{task.primary_metric}` of that model selects among its evaluated epochs (the lr "
+        "selected by the same value; selected epoch: the mean over seeds). The test oracle is "
+        "each run's best test value over its evaluated epochs, at the best lr: not a choice a "
+        "user can make, an upper bound on checkpoint selection.",
+        "",
+        tables["checkpoints"],
+        "",
+    ]
+    return lines
 
 
 def _optional_sections(spec: StudySpec, task: Task, tables: Mapping[str, str]) -> list[str]:
