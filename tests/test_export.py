@@ -147,7 +147,7 @@ def test_runs_register_their_checkpoints_and_a_changed_one_is_refused(
         artifact = store.artifacts(job.run_id)["checkpoint"]
     assert artifact.path == (job.run_dir / "checkpoint.pt").resolve() and artifact.epoch == 3
     assert artifact.contents == (
-        "model", "optimizer", "rng", "history", "evaluator:swa",
+        "model", "optimizer", "rng", "history", "evaluator:swa", "evaluator:ema0.9",
     )
     original = artifact.path.read_bytes()
     try:
