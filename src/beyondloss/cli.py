@@ -17,7 +17,7 @@ import json
 import math
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -77,54 +77,41 @@ def _tasks(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _number(text: str, valid: Callable[[float], bool], requirement: str) -> float:
+    """``text`` as a float, or an argparse error: not a number, or not ``valid`` (the error
+    then says ``requirement``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{requirement}, got {text!r}")
+    return value
+
+
+def _numbers(text: str, valid: Callable[[float], bool], requirement: str, what: str) -> tuple:
+    """Comma-separated :func:`_number` values, at least one (``what`` names them)."""
+    values = tuple(_number(part, valid, requirement) for part in _names(text))
+    if not values:
+        raise argparse.ArgumentTypeError(f"give at least one {what}")
+    return values
+
+
 def _learning_rates(text: str) -> tuple[float, ...]:
-    lrs = []
-    for part in _names(text):
-        try:
-            lr = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
-        if not (math.isfinite(lr) and lr > 0):
-            raise argparse.ArgumentTypeError(f"learning rates must be positive, got {part!r}")
-        lrs.append(lr)
-    if not lrs:
-        raise argparse.ArgumentTypeError("give at least one learning rate")
-    return tuple(lrs)
+    positive = lambda v: math.isfinite(v) and v > 0  # noqa: E731
+    return _numbers(text, positive, "learning rates must be positive", "learning rate")
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text!r}")
-    return value
+    return _number(text, lambda v: math.isfinite(v) and v >= 0, "must be finite and >= 0")
 
 
 def _fractions(text: str) -> tuple[float, ...]:
-    values = []
-    for part in _names(text):
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
-        if not 0.0 < value < 1.0:
-            raise argparse.ArgumentTypeError(f"decays must lie in (0, 1), got {part!r}")
-        values.append(value)
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one decay")
-    return tuple(values)
+    return _numbers(text, lambda v: 0.0 < v < 1.0, "decays must lie in (0, 1)", "decay")
 
 
 def _warmup(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text!r}")
-    return value
+    return _number(text, lambda v: 0.0 <= v < 1.0, "must be a fraction in [0, 1)")
 
 
 class _Removed(argparse.Action):
