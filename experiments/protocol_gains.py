@@ -30,32 +30,27 @@ from collections.abc import Sequence
 import numpy as np
 
 from beyondloss.cli import build_parser, study_fields
-from beyondloss.selection.checkpoints import best_epoch_metrics
 from beyondloss.selection.configs import rank_key
 from beyondloss.selection.statistics import mean_ci, paired_gain
 from beyondloss.store import ResultsStore
 from beyondloss.study.report import dopr_pairs, format_lr
-from beyondloss.study.ttf import STORE_NAME, StudySpec
+from beyondloss.study.ttf import STORE_NAME, StudySpec, run_finals
 
 Candidate = tuple[float, str]
 """``(lr, model prefix)``: ``""`` for the base model, ``"ema0.999_"`` for an EMA."""
 
 
 def _values(spec: StudySpec) -> dict[tuple[str, float, int], dict[str, float]]:
-    """Each run's final metrics and its epoch-selected ones (``...@best``)."""
+    """Each run's final metrics and its epoch-selected ones (``...@best``), as the study's
+    report computes them (:func:`beyondloss.study.ttf.run_finals`)."""
     task = spec.make_task()
-    metric = task.primary_metric
-    higher = task.higher_is_better[metric]
-    prefixes = ("", *(f"{name}_" for name in spec.weight_transforms))
     out = {}
     with ResultsStore(spec.out / STORE_NAME) as store:
         for key in spec.grid():
             run_id = spec.run_id(*key)
             if not store.is_complete(run_id):
                 raise SystemExit(f"run {run_id} is not complete; run the study first")
-            curves = store.curves(run_id)
-            finals = {name: values[-1] for name, values in curves.items() if name != "epoch"}
-            out[key] = finals | best_epoch_metrics(curves, prefixes, metric, higher)
+            out[key] = run_finals(spec, task, store.curves(run_id))
     return out
 
 

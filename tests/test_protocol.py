@@ -126,3 +126,23 @@ def test_checkpoint_choice_takes_the_epoch_validation_selects_and_labels_the_ora
     assert all(math.isnan(got[f"swa_{name}"]) for name in ("epoch@best", "test_score@oracle"))
     lower = best_epoch_metrics(curves, ("",), "score", higher_is_better=False)
     assert lower["epoch@best"] == 4.0 and lower["test_score@oracle"] == 0.3
+
+
+def test_the_per_step_ema_recomputes_batchnorm_only_when_it_is_evaluated() -> None:
+    """BatchNorm statistics of the average cost a pass over the loader: once per evaluation,
+    not once per epoch or per step."""
+    x = torch.randn(32, 3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    ema = StepAverageEvaluator(
+        "ema", EMA(0.9, warmup=True, bn_loader=[x]), {"val": lambda m: {"out": 0.0}}, every=2,
+        last_epoch=3,
+    )  # fmt: skip
+    calls: list[int] = []
+    recompute = ema.average.recompute_bn
+    ema.average.recompute_bn = lambda: (calls.append(1), recompute())[1]  # type: ignore[method-assign]
+    for epoch in (1, 2, 3):
+        for _ in range(4):
+            ema.on_step(model)
+        metrics = ema(model, epoch)
+        assert bool(metrics) == (epoch != 1)
+    assert len(calls) == 2  # epochs 2 and 3

@@ -108,10 +108,14 @@ class WeightAverageEvaluator:
         self.average.update(model, epoch)
         return self._evaluate(epoch)
 
-    def _evaluate(self, epoch: int) -> dict[str, float]:
-        """The average's metrics if ``epoch`` is due and it holds a snapshot, else none."""
+    def _due(self, epoch: int) -> bool:
+        """Whether the average is evaluated at ``epoch`` (it must hold a snapshot)."""
         due = epoch % self.every == 0 or epoch == self.last_epoch
-        if not due or self.average.n_averaged == 0:
+        return due and self.average.n_averaged > 0
+
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        """The average's metrics if ``epoch`` is due (:meth:`_due`), else none."""
+        if not self._due(epoch):
             return {}
         averaged = self.average.module
         return {
@@ -133,15 +137,15 @@ class StepAverageEvaluator(WeightAverageEvaluator):
     """:class:`WeightAverageEvaluator` of an average folded after every optimizer step.
 
     :meth:`on_step` folds the model's weights (without recomputing BatchNorm statistics, which
-    happens once before each evaluation); calling the evaluator at the end of an epoch only
-    evaluates. ``average.start_epoch`` is ignored: every step is folded."""
+    happens once before each evaluation, at the epochs it is due); calling the evaluator at the
+    end of an epoch only evaluates. ``average.start_epoch`` is ignored: every step is folded."""
 
     def on_step(self, model: nn.Module) -> None:
         """Fold the weights of the step just taken into the average."""
         self.average.update(model, self.average.start_epoch, recompute_bn=False)
 
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        if self.average.n_averaged:
+        if self._due(epoch):
             self.average.recompute_bn()
         return self._evaluate(epoch)
 

@@ -93,6 +93,7 @@ from beyondloss.tasks import (
     Task,
     TaskFactory,
     budgeted,
+    check_epochs,
     selecting,
     suite,
 )
@@ -518,10 +519,8 @@ def _check_protocol(spec: StudySpec, transforms: tuple[str, ...]) -> tuple[float
     if ema_decays != DEFAULT_EMA_DECAYS and "ema" not in transforms:
         raise ValueError("ema_decays apply to the 'ema' transform; add it to transforms")
     check_schedule(spec.schedule, spec.warmup)
-    epochs = spec.epochs
-    bad = isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
-    if epochs is not None and bad:
-        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if spec.epochs is not None:
+        check_epochs(spec.epochs)
     return ema_decays
 
 
@@ -649,12 +648,7 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         }
     task = spec.make_task()
     higher = task.higher_is_better[task.primary_metric]
-    prefixes = ("", *(f"{name}_" for name in spec.weight_transforms))
-    finals = {
-        key: {name: values[-1] for name, values in run.items() if name != "epoch"}
-        | best_epoch_metrics(run, prefixes, task.primary_metric, higher)
-        for key, run in curves.items()
-    }
+    finals = {key: run_finals(spec, task, run) for key, run in curves.items()}
     summaries = with_ensembles(summarize(finals), ensembles)
     primary = f"val_{task.primary_metric}"
     test_primary = f"test_{task.primary_metric}"
@@ -705,6 +699,18 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
         markdown=markdown,
         wall_seconds=wall_seconds,
     )
+
+
+def run_finals(
+    spec: StudySpec, task: Task, curves: Mapping[str, Sequence[float]]
+) -> dict[str, float]:
+    """One run's values as the study selects among them: every metric at the final epoch, and
+    the base model's and each weight average's epoch chosen by its own val metric
+    (``...@best``, ``...@oracle``: :func:`~beyondloss.selection.checkpoints.best_epoch_metrics`)."""
+    metric = task.primary_metric
+    prefixes = ("", *(f"{name}_" for name in spec.weight_transforms))
+    finals = {name: values[-1] for name, values in curves.items() if name != "epoch"}
+    return finals | best_epoch_metrics(curves, prefixes, metric, task.higher_is_better[metric])
 
 
 def _directions(spec: StudySpec, task: Task) -> dict[str, bool]:

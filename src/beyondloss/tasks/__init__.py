@@ -13,7 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from beyondloss.tasks.base import Budgeted, ClassifierTask, SelectedMetric, Splits, Task
+from beyondloss.tasks.base import (
+    Budgeted,
+    ClassifierTask,
+    SelectedMetric,
+    Splits,
+    Task,
+    check_epochs,
+)
 from beyondloss.tasks.dynamics import Lorenz63Task, Lorenz96Task, LorenzConfig
 from beyondloss.tasks.finetuning import make_finetuning_task
 from beyondloss.tasks.flow import DATASETS as FLOW_DATASETS
@@ -120,6 +127,7 @@ __all__ = [
     "Task",
     "TaskFactory",
     "budgeted",
+    "check_epochs",
     "lorenz",
     "lorenz96",
     "make_task",

@@ -150,14 +150,19 @@ class SelectedMetric:
         return getattr(self.task, name)
 
 
+def check_epochs(epochs: object) -> None:
+    """``ValueError`` unless ``epochs`` is an integer >= 1 (a training budget)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+
+
 class Budgeted:
     """``task`` trained for ``epochs`` epochs instead of its own budget; everything else
     (data, model, loss, rollouts, batch size) is the task's own. Studies use it for
     ``--epochs``."""
 
     def __init__(self, task: Task, epochs: int) -> None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        check_epochs(epochs)
         self.task = task
         self.epochs = epochs
 
