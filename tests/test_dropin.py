@@ -128,6 +128,29 @@ def test_dopr_deepcopies_and_pickles_with_its_preconditioner(tmp_path) -> None:
     assert loaded.preconditioner.steps == opt.preconditioner.steps
 
 
+def test_dopr_pickles_and_copies_with_an_lr_scheduler_attached() -> None:
+    """A scheduler wraps ``opt.step`` in a closure over the optimizer: a copy must drop it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = DoPr(model, lr=1e-2)
+    opt.register_step_post_hook(lambda *_: None)  # a hook torch itself drops on pickling
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    x = torch.randn(16, 4)
+    train_steps(model, opt, x, 2)
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt)), loaded):
+        before = [p.detach().clone() for p in model.parameters()]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(clone, lambda step: 0.5)
+        train_steps(clone.model, clone, x, 1)  # steps the copy, not the original
+        scheduler.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        assert clone.preconditioner.steps == 3
+        assert clone.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
 # 3. torch.compile ---------------------------------------------------------------------------
 
 

@@ -481,4 +481,13 @@ class DoPr(Optimizer):
             hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """Everything but what torch's own ``Optimizer.__getstate__`` also leaves out.
+
+        DoPr keeps its model, preconditioner and base optimizers (a copy must record its own
+        model's inputs), but not the per-instance ``step`` wrapper an LR scheduler installs nor
+        the registered optimizer hooks: both are closures over *this* optimizer, so a copy that
+        kept them would not pickle, or would step the original. ``__setstate__`` recreates
+        empty hook tables, and a scheduler built on the copy wraps its ``step`` again.
+        """
+        dropped = {"step", *(name for name in self.__dict__ if name.startswith("_optimizer_"))}
+        return {name: value for name, value in self.__dict__.items() if name not in dropped}
