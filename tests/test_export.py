@@ -14,6 +14,7 @@ from beyondloss.cli import main
 from beyondloss.evaluation import calibrated
 from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.posthoc.temperature import TemperatureScaled
+from beyondloss.store import ResultsStore
 from beyondloss.study import StudySpec, run_study, ttf
 from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.export import export_model, load_model, select_model
@@ -201,3 +202,16 @@ def test_export_command_writes_and_checks_the_model(
     assert exit_info.value.code == 2
     assert "unknown criterion 'swa'" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_ensemble_rows_carry_the_settings_of_their_members(studies: dict[str, StudySpec]) -> None:
+    """``beyondloss runs`` shows an ensemble with its members' axes, not NaN."""
+    spec = studies["tiny-lorenz"]
+    with ResultsStore(spec.out / "beyondloss.db", readonly=True) as store:
+        frame = store.final_frame(task="tiny-lorenz")
+    ensembles, members = frame[frame["seed"] == -1], frame[frame["seed"] >= 0]
+    assert len(ensembles) == 4 and len(members) == 8
+    for axis in ("size", "data_seed", "epochs", "batch_size", "transforms", "schedule", "warmup"):
+        assert ensembles[axis].notna().all(), axis
+        assert set(ensembles[axis]) == set(members[axis]), axis
+    assert all(len(names.split(",")) == 2 for names in ensembles["members"])

@@ -175,7 +175,9 @@ def test_final_frame_has_every_config_axis_and_the_last_value_of_every_metric(
         assert list(frame["run_id"]) == ["r0", "r1"]
         assert list(frame["val_loss"]) == [1.0, 2.0] and list(frame["test_vpt"]) == [0.0, 1.0]
         assert set(frame["transforms"]) == {"swa,ens"} and set(frame["study"]) == {"s"}
-        assert store.final_frame(missing_axis=1).empty
+        assert store.final_frame(**{"dopr.cov_every": 5}).empty
+        with pytest.raises(ValueError, match=r"no run has the axes \['missing_axis'\]; the axes"):
+            store.final_frame(missing_axis=1)
     assert flatten({"a": {"b": {"c": 1}}, "d": [1, 2]}) == {"a.b.c": 1, "d": "1,2"}
     assert (
         main(
@@ -198,6 +200,11 @@ def test_final_frame_has_every_config_axis_and_the_last_value_of_every_metric(
     with pytest.raises(SystemExit):
         main(["runs", "--out", str(tmp_path), "--where", "cov_every"])
     assert "--where takes AXIS=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["runs", "--out", str(tmp_path), "--where", "foo=bar"])
+    assert "no run has the axes ['foo']; the axes are created, dopr.cov_every" in (
+        capsys.readouterr().err
+    )
 
 
 def test_artifacts_are_registered_relative_to_the_store_and_verified(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from beyondloss import __version__
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.factory import OPTIMIZER_NAMES
 from beyondloss.schedules import SCHEDULES
-from beyondloss.store import ResultsStore
+from beyondloss.store import ResultsStore, StoreError
 from beyondloss.study.arguments import positive_int
 from beyondloss.study.export import export_model, load_model
 from beyondloss.study.posthoc_cli import add_posthoc_command
@@ -272,8 +272,6 @@ def _add_runs_command(commands: argparse._SubParsersAction) -> None:
 def _runs(args: argparse.Namespace) -> int:
     """``beyondloss runs``: filter the store's runs by their axes and print them."""
     database = args.out / STORE_NAME
-    if not database.is_file():
-        args.error(f"no results store at {database}")
     filters = {}
     for condition in args.where:
         axis, separator, text = condition.partition("=")
@@ -283,8 +281,11 @@ def _runs(args: argparse.Namespace) -> int:
             filters[axis] = json.loads(text)
         except json.JSONDecodeError:
             filters[axis] = text
-    with ResultsStore(database) as store:
-        frame = store.final_frame(**filters)
+    with ResultsStore(database, readonly=True) as store:
+        try:
+            frame = store.final_frame(**filters)
+        except ValueError as error:
+            args.error(str(error))
     columns = args.columns or ["run_id", "task", "optimizer", "lr", "weight_decay", "seed"]
     unknown = [name for name in [*columns, *args.metrics] if name not in frame.columns]
     if frame.empty:
@@ -503,6 +504,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(arguments)
+    try:
+        return _command(args, arguments)
+    except StoreError as error:
+        print(f"beyondloss {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"beyondloss {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C left: for a study, how many of its runs the store holds complete (the
+    runs in flight resume from their checkpoints on a rerun)."""
+    if args.command not in ("study", "ttf"):
+        return "interrupted"
+    database = args.out / STORE_NAME
+    if not database.is_file():
+        return "interrupted; no run stored"
+    with ResultsStore(database, readonly=True) as store:
+        if args.task == ALL_TASKS:
+            done = sum(run["status"] == "complete" for run in store.runs())
+        else:
+            spec = StudySpec(task=args.task, size=args.size, **study_fields(args))
+            done = sum(store.is_complete(spec.run_id(*key)) for key in spec.grid())
+    return f"interrupted; {done} runs stored; rerun to resume"
+
+
+def _command(args: argparse.Namespace, arguments: list[str]) -> int:
+    """Run the parsed command (see :func:`main`)."""
     if args.command == "posthoc":
         return args.func(args)
     if args.command == "runs":

@@ -76,6 +76,50 @@ CREATE TABLE IF NOT EXISTS artifacts (
 """
 
 
+STORE_NAME = "beyondloss.db"
+"""File name of a study's results store inside its output folder."""
+
+
+def check_output_folder(out: str | os.PathLike[str]) -> None:
+    """Raise :class:`StoreError` unless a study can write its store and reports under ``out``,
+    before anything is written: ``out`` is a folder or can be made one, it is writable, and any
+    store already in it is a results store that can be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"output folder {out} is a file, not a folder")
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        raise StoreError(f"cannot make the output folder {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write to the output folder {out}: {existing} is read-only")
+    store = out / STORE_NAME
+    if store.exists() and not os.access(store, os.W_OK):  # before SQLite adds its -wal file
+        raise StoreError(f"cannot write the results store {store}: it is read-only")
+    if store.exists():
+        ResultsStore(store).close()
+
+
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version`` of a store written by this version."""
+
+
+class StoreError(RuntimeError):
+    """A results store that cannot be opened as asked: missing, not SQLite, not a results store,
+    or not writable. The message names the file and the cause in one line."""
+
+
+def _explain(path: str, error: sqlite3.DatabaseError) -> str:
+    """One line for an SQLite error met while opening ``path``."""
+    text = str(error)
+    if "not a database" in text:
+        return f"{path} is not a results store (not an SQLite database)"
+    if "readonly" in text:
+        return f"cannot write the results store {path}: it is read-only"
+    if "unable to open" in text:
+        return f"cannot open the results store {path}: no such folder, or no permission"
+    return f"cannot open the results store {path}: {text}"
+
+
 class ResultsStore:
     """Results of training runs in one SQLite file.
 
@@ -86,12 +130,31 @@ class ResultsStore:
     busy_timeout:
         Seconds a write waits for another process's lock before raising
         ``sqlite3.OperationalError``.
+    readonly:
+        Open an existing store for reading only (``runs``, reports, export): nothing is
+        created or written, and a read-only file or folder is fine.
+
+    Raises :class:`StoreError` when the file is missing (``readonly``), not an SQLite
+    database, not a results store, or not writable (unless ``readonly``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = 60.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], busy_timeout: float = 60.0, *, readonly: bool = False
+    ) -> None:
         if busy_timeout < 0:
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
         self.path = os.fspath(path)
+        self.readonly = readonly
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._conn = self._open_readonly(busy_timeout) if readonly else self._open(busy_timeout)
+        except sqlite3.DatabaseError as error:
+            self.close()
+            raise StoreError(_explain(self.path, error)) from None
+
+    def _open(self, busy_timeout: float) -> sqlite3.Connection:
+        """Open for writing, creating the tables; writing ``user_version`` up front makes a
+        read-only file fail here, before any run is trained, not at the first result."""
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -100,10 +163,31 @@ class ResultsStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._conn.execute(statement)
+            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return self._conn
+
+    def _open_readonly(self, busy_timeout: float) -> sqlite3.Connection:
+        """Open an existing store without writing anything, even where its folder is
+        read-only (SQLite then cannot make the WAL index: the file is read as immutable)."""
+        if not os.path.isfile(self.path):
+            raise StoreError(f"no results store at {self.path}")
+        uri = Path(self.path).resolve().as_uri()
+        try:
+            connection = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=busy_timeout)
+            connection.execute("SELECT 1 FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            connection = sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=busy_timeout)
+        connection.row_factory = sqlite3.Row
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        if not {"runs", "metrics", "artifacts"} <= tables:
+            connection.close()
+            raise StoreError(f"{self.path} is an SQLite file but not a results store")
+        return connection
 
     def close(self) -> None:
         """Close the connection; the object is unusable afterwards."""
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def __enter__(self) -> ResultsStore:
         return self
@@ -321,20 +405,27 @@ class ResultsStore:
         :func:`flatten`: ``study``, ``size``, ``dopr.cov_every``, ``transforms``, ...) and the
         last logged value of every metric (needs pandas).
 
-        ``filters`` keep the runs whose column or config axis equals the value (a missing axis
-        never matches), so every grid axis is queryable, not only lr, weight decay and seed.
+        ``filters`` keep the runs whose column or config axis equals the value (a run without
+        the axis does not match), so every grid axis is queryable, not only lr, weight decay
+        and seed. A filter on an axis that no run has raises ``ValueError`` naming the axes
+        there are, so a misspelt axis cannot silently match nothing.
         """
         try:
             import pandas as pd
         except ImportError as error:
             message = "ResultsStore.final_frame needs pandas: pip install pandas"
             raise ImportError(message) from error
-        rows = []
+        rows, axes = [], set(RUN_COLUMNS)
         for run in self.runs():
             row = {key: value for key, value in run.items() if key != "config"}
             row |= {k: v for k, v in flatten(run["config"]).items() if k not in row}
+            axes |= set(row)
             if all(row.get(key, _MISSING) == value for key, value in filters.items()):
                 rows.append(row)
+        unknown = sorted(set(filters) - axes)
+        if unknown:
+            names = ", ".join(sorted(axes))
+            raise ValueError(f"no run has the axes {unknown}; the axes are {names}")
         finals = self._conn.execute(
             "SELECT m.run_id, m.name, m.value FROM metrics AS m JOIN ("
             " SELECT run_id, name, MAX(epoch) AS epoch FROM metrics GROUP BY run_id, name"

@@ -13,8 +13,10 @@ import ctypes
 import multiprocessing
 import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -46,7 +48,8 @@ class LocalExecutor:
     """Calls run in ``workers`` spawned processes (``0``: in this process), under a progress bar.
 
     Use as a context manager; on an error inside the block, pending calls are cancelled instead
-    of waited for.
+    of waited for, and on ``KeyboardInterrupt`` the workers are stopped at once (they ignore
+    SIGINT themselves, so a Ctrl-C reaches the study once, not once per worker).
     """
 
     def __init__(self, workers: int) -> None:
@@ -71,7 +74,12 @@ class LocalExecutor:
         traceback: TracebackType | None,
     ) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=error is None, cancel_futures=error is not None)
+            if isinstance(error, KeyboardInterrupt):
+                # No public way to stop running calls before Python 3.14's terminate_workers().
+                for process in list(getattr(self._pool, "_processes", {}).values()):
+                    process.terminate()
+            interrupted = isinstance(error, KeyboardInterrupt)  # its workers are gone: join
+            self._pool.shutdown(wait=error is None or interrupted, cancel_futures=error is not None)
             self._pool = None
 
     def run(
@@ -91,7 +99,8 @@ class LocalExecutor:
                 (i, _now(call).result) for i, call in enumerate(calls)
             )
         else:
-            futures = {self._pool.submit(*call): i for i, call in enumerate(calls)}
+            with _sigint_ignored():  # the workers this spawns inherit SIG_IGN
+                futures = {self._pool.submit(*call): i for i, call in enumerate(calls)}
             done = ((futures[future], future.result) for future in as_completed(futures))
         return collect(done, len(calls), names, desc, progress, total, on_result)
 
@@ -140,11 +149,32 @@ def _now(call: Call) -> Future:
     return future
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process while the block runs (on the main thread; elsewhere a
+    no-op): processes started meanwhile inherit it from before their interpreter starts, so a
+    Ctrl-C that reaches the whole process group cannot interrupt a worker while it imports."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _init_worker() -> None:
     """One torch thread per worker: runs stay bitwise reproducible and workers don't contend.
-    On Linux a worker also dies with the study that started it, so that a killed study leaves
-    no orphan writing over the checkpoints of the runs its restart resumes."""
+    A worker ignores SIGINT: a Ctrl-C at the terminal reaches the whole process group, and the
+    study (which stops its workers) answers it. On Linux a worker also dies with the study that
+    started it, so that a killed study leaves no orphan writing over the checkpoints of the runs
+    its restart resumes."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing semaphore, which a worker stopped by a Ctrl-C
+    # could not release (the resource tracker would then warn of a leak): a thread lock does.
+    tqdm.set_lock(threading.RLock())
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 

@@ -133,7 +133,7 @@ def _stored(
 ) -> tuple[dict[tuple[str, float, int], dict[str, float]], dict[tuple[str, float], Any]]:
     """Final metrics of every run of ``spec`` and the curves of its ensembles, from the store;
     ``ValueError`` if a run or an ensemble is not complete (run the study first)."""
-    with ResultsStore(spec.out / STORE_NAME) as store:
+    with ResultsStore(spec.out / STORE_NAME, readonly=True) as store:
         ids = [spec.run_id(*key) for key in spec.grid()]
         ids += [spec.ensemble_id(*config) for config in grid_configs(spec) if spec.ensembles]
         missing = [run_id for run_id in ids if not store.is_complete(run_id)]

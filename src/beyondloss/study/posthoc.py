@@ -56,12 +56,14 @@ from beyondloss.posthoc.tracker import PosthocLog
 from beyondloss.selection.curves import CurveBook, Curves, transform_curves
 from beyondloss.selection.posthoc import compare_selection, config_reversal
 from beyondloss.selection.reversal import reversal_table
+from beyondloss.store import check_output_folder
 from beyondloss.study.executor import LocalExecutor
 from beyondloss.study.html import write_report
 from beyondloss.study.report import replacing, save_figure
 from beyondloss.study.ttf import (
     STORE_NAME,
     RunJob,
+    check_grid_size,
     grid_values,
     pending_runs,
     run_id,
@@ -229,10 +231,12 @@ def run_posthoc_study(
         weight_decays if weight_decays is not None else [spec.weight_decay],
         allow_zero=True,
     )
+    check_grid_size(len(grid_lrs) * len(grid_wds) * seeds, "lrs × weight decays × seeds")
     configs = list(product(grid_lrs, grid_wds))
     default = next((c for c in configs if c == (spec.lr, spec.weight_decay)), configs[0])
     out = Path(out)
     directory = out / study_name(spec.name, noise, noise_kind)
+    check_output_folder(out)
     directory.mkdir(parents=True, exist_ok=True)
     call = f"run_posthoc_study({spec.name!r}, noise={noise:g}, noise_kind={noise_kind!r}, "
     call += f"seeds={seeds}, lrs={list(grid_lrs)}, weight_decays={list(grid_wds)}, "

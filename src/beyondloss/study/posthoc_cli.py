@@ -69,18 +69,21 @@ def posthoc_command_line(args: argparse.Namespace) -> str:
 
 def run_posthoc_command(args: argparse.Namespace) -> int:
     """Handler of ``posthoc``: run the study, print its table and reversal report; returns 0."""
-    result = run_posthoc_study(
-        args.dataset,
-        noise=args.noise,
-        noise_kind=args.noise_kind,
-        seeds=args.seeds,
-        lrs=args.lrs,
-        weight_decays=args.weight_decays,
-        out=args.out,
-        workers=args.workers,
-        progress=not args.no_progress,
-        command=posthoc_command_line(args),
-    )
+    try:
+        result = run_posthoc_study(
+            args.dataset,
+            noise=args.noise,
+            noise_kind=args.noise_kind,
+            seeds=args.seeds,
+            lrs=args.lrs,
+            weight_decays=args.weight_decays,
+            out=args.out,
+            workers=args.workers,
+            progress=not args.no_progress,
+            command=posthoc_command_line(args),
+        )
+    except ValueError as error:  # the grid's size: every other value is checked by the parser
+        args.error(str(error))
     print(result.markdown)
     print()
     print(result.reversal)

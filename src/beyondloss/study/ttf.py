@@ -65,7 +65,13 @@ from beyondloss.selection.configs import (
     select_lr,
     summarize,
 )
-from beyondloss.store import Artifact, ResultsStore, RunRecord
+from beyondloss.store import (
+    STORE_NAME,
+    Artifact,
+    ResultsStore,
+    RunRecord,
+    check_output_folder,
+)
 from beyondloss.study.executor import Executor, LocalExecutor
 from beyondloss.study.html import write_report
 from beyondloss.study.report import (
@@ -121,8 +127,9 @@ DEFAULT_LRS = {"quick": (1e-3, 3e-3, 1e-2), "full": (3e-4, 1e-3, 3e-3, 1e-2)}
 DEFAULT_SEEDS = {"quick": 3, "full": 5}
 """Number of seeds per task size when a spec names none."""
 
-STORE_NAME = "beyondloss.db"
-"""File name of the results store inside ``spec.out``."""
+MAX_RUNS = 100_000
+"""Most runs one study accepts (optimizers × lrs × seeds); each run is a job, a row and a
+folder, so a larger grid is a typo more often than a plan."""
 
 WEIGHT_TRANSFORMS = ("swa", "ema", "epoch-ema")
 """Weight-space transforms, evaluated in each run: SWA of the end-of-epoch weights of the second
@@ -318,6 +325,7 @@ class StudySpec:
                 f"transforms must be distinct names among {', '.join(TRANSFORMS)}, "
                 f"got {list(transforms)}"
             )
+        check_grid_size(len(optimizers) * len(lrs) * seeds)
         if "ens" in transforms and seeds < 2:
             raise ValueError(f"the 'ens' transform needs seeds >= 2, got {seeds}")
         ema_decays = _check_protocol(self, transforms)
@@ -493,6 +501,16 @@ def run_id(task: str, size: str, optimizer: str, lr: float, seed: int, tags: str
     return f"{task}-{size}-{optimizer}-lr{format_lr(lr)}{tags}-s{seed}"
 
 
+def check_grid_size(runs: int, axes: str = "optimizers × lrs × seeds") -> None:
+    """Refuse a study of more than :data:`MAX_RUNS` runs before anything is built for it
+    (``--seeds 1000000000`` would otherwise fill memory with jobs before the first run)."""
+    if runs > MAX_RUNS:
+        raise ValueError(
+            f"the grid has {runs:,} runs ({axes}), more than the {MAX_RUNS:,} "
+            "a study accepts; split it into several studies over one store"
+        )
+
+
 def grid_values(label: str, values: Sequence[float], allow_zero: bool = False) -> tuple[float, ...]:
     """``values`` of one grid axis as floats; ``ValueError`` naming ``label`` unless there is at
     least one, all are finite and ``> 0`` (``>= 0`` with ``allow_zero``) and no two print alike
@@ -637,9 +655,10 @@ def run_study(spec: StudySpec, progress: bool = True, command: str | None = None
     ``RuntimeError`` naming the run if a run fails (runs already finished stay in the store).
     """
     began = time.perf_counter()
+    check_output_folder(spec.out)
     spec.directory.mkdir(parents=True, exist_ok=True)
     trained, skipped = _train_grid(spec, progress)
-    with ResultsStore(spec.out / STORE_NAME) as store:
+    with ResultsStore(spec.out / STORE_NAME, readonly=True) as store:
         curves = {key: store.curves(spec.run_id(*key)) for key in spec.grid()}
         ensembles = {
             (optimizer, lr): store.curves(spec.ensemble_id(optimizer, lr))
@@ -1047,7 +1066,10 @@ def _ensemble_one(job: _EnsembleJob, checkpoints: Sequence[Path]) -> RunRecord:
         for split in ("val", "test"):
             values = task.evaluate(ensemble, split, primary_only=split == "val")
             metrics |= {f"{name}_{split}_{metric}": value for metric, value in values.items()}
-    config = {"study": first.study, "members": [m.run_id for m in job.members]}
+    schedule = TrainConfig(
+        task.epochs, task.batch_size, schedule=first.schedule, warmup=first.warmup
+    )
+    config = _run_config(first, task, schedule) | {"members": [m.run_id for m in job.members]}
     return _record(first, job.run_id, -1, config, [(task.epochs, metrics)])
 
 
@@ -1116,21 +1138,7 @@ def _train_run(job: RunJob) -> RunRecord:
     evaluators = _evaluators(task, job)
     if optimizer.preconditioner is not None:
         evaluators.append(_ap_spectra(optimizer.preconditioner))
-    record = {
-        "study": job.study,
-        "size": job.size,
-        "data_seed": job.data_seed,
-        "task_class": task.name,
-        "epochs": task.epochs,
-        "batch_size": task.batch_size,
-    }
-    record |= {"dopr": job.dopr} if job.dopr else {}
-    if job.transforms:
-        record |= {"transforms": list(job.transforms), "transform_every": job.transform_every}
-    record |= {"eval_every": job.eval_every} if job.eval_every != 1 else {}
-    if config.scheduled:
-        record |= {"schedule": job.schedule, "warmup": job.warmup}
-    record |= {"ddp": job.ddp} if job.ddp != 1 else {}
+    record = _run_config(job, task, config)
     checkpoint = job.run_dir / CHECKPOINT_NAME
     try:
         history = train(
@@ -1151,6 +1159,27 @@ def _train_run(job: RunJob) -> RunRecord:
         return _record(job, job.run_id, job.seed, record, [*_epochs(done), failed])
     saved = Artifact.of("checkpoint", checkpoint, len(history), checkpoint_contents(evaluators))
     return _record(job, job.run_id, job.seed, record, _epochs(history), [saved])
+
+
+def _run_config(job: RunJob, task: Task, config: TrainConfig) -> dict[str, Any]:
+    """The settings of ``job``'s run as the store keeps them (the axes ``beyondloss runs``
+    shows): the study, the task's size, data seed and budget, and each non-default setting."""
+    record = {
+        "study": job.study,
+        "size": job.size,
+        "data_seed": job.data_seed,
+        "task_class": task.name,
+        "epochs": task.epochs,
+        "batch_size": task.batch_size,
+    }
+    record |= {"dopr": job.dopr} if job.dopr else {}
+    if job.transforms:
+        record |= {"transforms": list(job.transforms), "transform_every": job.transform_every}
+    record |= {"eval_every": job.eval_every} if job.eval_every != 1 else {}
+    if config.scheduled:
+        record |= {"schedule": job.schedule, "warmup": job.warmup}
+    record |= {"ddp": job.ddp} if job.ddp != 1 else {}
+    return record
 
 
 def _epochs(history: Sequence[Mapping[str, float]]) -> list[tuple[int, dict[str, float]]]:
