@@ -4,6 +4,7 @@ and resumes from its checkpoint, leaving the store as an undisturbed study leave
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -138,3 +139,25 @@ def test_ray_and_local_studies_store_identical_metrics_even_when_a_worker_dies(
         for run_id, *rest in _metrics(killed.out)
     ]
     assert renamed == _metrics(clean.out)
+
+
+def test_an_outside_task_and_optimizer_run_on_ray(
+    cluster: RayExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tutorial's task and optimizer, by file reference: Ray workers resolve them."""
+    examples = Path(__file__).parents[1] / "docs" / "examples"
+    for name in ("my_task.py", "my_optimizer.py"):
+        shutil.copy(examples / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    spec = StudySpec(
+        "my_task.py:make_task",
+        optimizers=("nesterov=my_optimizer.py:make_nesterov",),
+        lrs=(1e-2,),
+        seeds=2,
+        executor="ray",
+        out=tmp_path / "ray",
+    )
+    result = run_study(spec, progress=False)
+    assert len(result.trained) == 2
+    [summary] = result.summaries
+    assert summary.optimizer == "nesterov" and summary.mean["test_steps_in_tolerance"] > 0

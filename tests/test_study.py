@@ -275,9 +275,9 @@ def test_spec_defaults_and_run_ids() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"task": "nope"}, "unknown task 'nope'; expected one of"),
+        ({"task": "nope"}, "unknown task 'nope': choose from lorenz"),
         ({"size": "huge"}, "unknown size"),
-        ({"optimizers": ("adamw", "adam")}, "unknown optimizers"),
+        ({"optimizers": ("adamw", "adam")}, "unknown optimizer 'adam': choose from adamw"),
         ({"optimizers": ()}, "at least one optimizer"),
         ({"optimizers": ("sgd", "sgd")}, "distinct"),
         ({"lrs": (1e-3, -1e-3)}, "learning rates must be finite and > 0"),
@@ -305,7 +305,7 @@ def test_task_registry_builds_lorenz_and_names_known_tasks() -> None:
     assert isinstance(task, Lorenz63Task)
     assert task.config == LorenzConfig.full(4)
     assert make_task("lorenz").config == LorenzConfig.quick(0)
-    with pytest.raises(ValueError, match="unknown task 'lorentz'; expected one of .*lorenz"):
+    with pytest.raises(ValueError, match="unknown task 'lorentz': choose from .*lorenz"):
         make_task("lorentz")
     with pytest.raises(ValueError, match="unknown task size"):
         make_task("lorenz", "medium")

@@ -56,14 +56,11 @@ def _names(text: str) -> list[str]:
 
 
 def _optimizers(text: str) -> tuple[str, ...]:
+    """Comma-separated optimizers: built-in names, plugin names or references (resolved and
+    checked by the study spec, which names a bad one in its error)."""
     names = _names(text)
     if not names:
         raise argparse.ArgumentTypeError("give at least one optimizer")
-    for name in names:
-        if name not in OPTIMIZER_NAMES:
-            raise argparse.ArgumentTypeError(
-                f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZER_NAMES)})"
-            )
     return tuple(names)
 
 
@@ -180,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     ttf.add_argument(
         "task",
         metavar="TASK",
-        choices=[*sorted(TASKS), ALL_TASKS],
-        help="task: %(choices)s (all: every registered task in turn)",
+        nargs="?",
+        help=f"task: {', '.join([*sorted(TASKS), ALL_TASKS])} (all: every registered task in "
+        "turn), an installed plugin's name, or your own factory (size, data_seed) -> Task as "
+        "module:factory or path/to/file.py:factory",
     )
+    _add_task_option(ttf)
     _add_study_arguments(ttf)
     ttf.add_argument(
         "--tasks",
@@ -312,7 +312,13 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
         "beyondloss.study.export.load_model.",
     )
     export.set_defaults(error=export.error)
-    export.add_argument("task", metavar="TASK", choices=sorted(TASKS), help="task: %(choices)s")
+    export.add_argument(
+        "task",
+        metavar="TASK",
+        nargs="?",
+        help="the study's task, as given to `beyondloss study`",
+    )
+    _add_task_option(export)
     _add_study_arguments(export)
     export.add_argument(
         "--select",
@@ -322,6 +328,22 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--optimizer", help="select among this optimizer's runs only")
     export.add_argument("--output", "-o", type=Path, required=True, help="file to write")
+
+
+def _add_task_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        dest="task_option",
+        metavar="TASK",
+        help="the task, instead of the TASK argument (e.g. --task mypkg.tasks:make_task)",
+    )
+
+
+def _task(args: argparse.Namespace) -> str:
+    """The task of ``study`` or ``export``: the TASK argument or ``--task``, exactly one."""
+    if (args.task is None) == (args.task_option is None):
+        args.error("give the task once: as TASK or as --task")
+    return args.task if args.task is not None else args.task_option
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -335,7 +357,9 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
         type=_optimizers,
         default=",".join(_DEFAULTS["optimizers"]),
         metavar="NAMES",
-        help=f"comma-separated, from {', '.join(OPTIMIZER_NAMES)} (default: %(default)s)",
+        help=f"comma-separated: {', '.join(OPTIMIZER_NAMES)}, an installed plugin's name, or your "
+        "own factory (model, lr, weight_decay) -> Optimizer as module:factory, "
+        "path/to/file.py:factory or name=module:factory (default: %(default)s)",
     )
     ttf.add_argument(
         "--seeds",
@@ -533,6 +557,8 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 def _command(args: argparse.Namespace, arguments: list[str]) -> int:
     """Run the parsed command (see :func:`main`)."""
+    if args.command in ("study", "ttf", "export"):
+        args.task = _task(args)
     if args.command == "posthoc":
         return args.func(args)
     if args.command == "runs":

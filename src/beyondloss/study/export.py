@@ -40,7 +40,7 @@ from beyondloss.study.ttf import (
     run_job,
     with_ensembles,
 )
-from beyondloss.tasks import TASKS, Task
+from beyondloss.tasks import Task, task_factory
 
 CRITERIA = ("val_loss", "downstream")
 """Criteria of every study; a study with transforms adds each transform's name (post-hoc)."""
@@ -96,8 +96,9 @@ def select_model(
         raise ValueError(
             f"unknown criterion {criterion!r}; this study has {', '.join(criteria(spec))}"
         )
-    if optimizer is not None and optimizer not in spec.optimizers:
-        raise ValueError(f"optimizer {optimizer!r} is not in the study ({spec.optimizers})")
+    if optimizer is not None and optimizer not in spec.optimizer_labels:
+        labels = ", ".join(spec.optimizer_labels)
+        raise ValueError(f"optimizer {optimizer!r} is not in the study ({labels})")
     task = spec.make_task()
     higher = task.higher_is_better[task.primary_metric]
     kind = criterion if criterion not in CRITERIA else "base"
@@ -232,7 +233,7 @@ def load_model(path: str | os.PathLike[str]) -> tuple[Task, nn.Module, dict[str,
     payload = torch.load(path, weights_only=True)
     if payload.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not an exported beyondloss model (format {FORMAT_VERSION})")
-    task = TASKS[payload["task"]](payload["size"], payload["data_seed"])
+    task = task_factory(payload["task"])(payload["size"], payload["data_seed"])
     model = _structure(task, payload["selected"]["kind"], payload["members"])
     model.load_state_dict(payload["state_dict"])
     return task, model, payload["selected"]

@@ -31,7 +31,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +49,12 @@ from beyondloss.evaluation import (
 )
 from beyondloss.optim.config import APConfig
 from beyondloss.optim.diagnostics import AMPLIFICATION_WARNING
-from beyondloss.optim.factory import OPTIMIZER_NAMES, make_optimizer
+from beyondloss.optim.factory import make_optimizer, parse_optimizer
 from beyondloss.optim.preconditioner import ActivationPreconditioner
 from beyondloss.posthoc.averaging import EMA, SWA, WeightAverage, ema_kind
 from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.posthoc.tracker import PosthocTracker
+from beyondloss.references import canonical, label
 from beyondloss.schedules import check_schedule
 from beyondloss.selection.checkpoints import best_epoch_metrics
 from beyondloss.selection.configs import (
@@ -100,8 +101,10 @@ from beyondloss.tasks import (
     TaskFactory,
     budgeted,
     check_epochs,
+    fingerprint,
     selecting,
     suite,
+    task_factory,
 )
 from beyondloss.train import (
     CHECKPOINT_NAME,
@@ -177,12 +180,21 @@ class StudySpec:
     Attributes
     ----------
     task:
-        Registry name (a key of :data:`beyondloss.tasks.TASKS`).
+        A built-in task's name (a key of :data:`beyondloss.tasks.TASKS`), an installed
+        plugin's name (entry-point group ``beyondloss.tasks``), or a reference to a factory
+        ``(size, data_seed) -> Task`` of the user's: ``module:factory`` or
+        ``path/to/file.py:factory`` (:mod:`beyondloss.references`; a file path is kept
+        absolute). Run ids and folders name a plugin or referenced task by :attr:`task_label`,
+        which carries its fingerprint, so a changed definition never reuses stale runs.
     size:
         Task size, one of :data:`beyondloss.tasks.SIZES`; it sets the data, model, epochs and
         batch size.
     optimizers:
-        Optimizer names (see :data:`beyondloss.optim.factory.OPTIMIZER_NAMES`), distinct.
+        Optimizer names (see :data:`beyondloss.optim.factory.OPTIMIZER_NAMES`), plugin names or
+        references to a factory ``(model, lr, weight_decay) -> Optimizer``, optionally
+        labelled: ``"lion=mypkg.opt:make_lion"`` (:func:`~beyondloss.optim.factory.
+        parse_optimizer`); distinct labels. Kept as built-in names and ``label=reference``;
+        :attr:`optimizer_labels` are the names in run ids and reports.
     lrs:
         Learning-rate grid shared by every optimizer, distinct positive values; ``None`` gives
         :data:`DEFAULT_LRS` of ``size``.
@@ -289,22 +301,11 @@ class StudySpec:
     ddp: int = 1
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(
-                f"unknown task {self.task!r}; expected one of {', '.join(sorted(TASKS))}"
-            )
+        object.__setattr__(self, "task", canonical(self.task))
+        task_factory(self.task)  # ValueError, in one line, if the task does not resolve
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; expected one of {', '.join(SIZES)}")
-        optimizers = tuple(self.optimizers)
-        if not optimizers:
-            raise ValueError("optimizers must name at least one optimizer")
-        unknown = [name for name in optimizers if name not in OPTIMIZER_NAMES]
-        if unknown:
-            raise ValueError(
-                f"unknown optimizers {unknown}; expected some of {', '.join(OPTIMIZER_NAMES)}"
-            )
-        if len(set(optimizers)) != len(optimizers):
-            raise ValueError(f"optimizers must be distinct, got {list(optimizers)}")
+        optimizers = _check_optimizers(self.optimizers)
         lrs = (
             DEFAULT_LRS[self.size] if self.lrs is None else grid_values("learning rates", self.lrs)
         )
@@ -330,7 +331,8 @@ class StudySpec:
             raise ValueError(f"the 'ens' transform needs seeds >= 2, got {seeds}")
         ema_decays = _check_protocol(self, transforms)
         # Only "ts" and a metric need the task itself (building some tasks imports MuJoCo).
-        task = TASKS[self.task](self.size, DATA_SEED) if "ts" in transforms or self.metric else None
+        factory = task_factory(self.task)
+        task = factory(self.size, DATA_SEED) if "ts" in transforms or self.metric else None
         if "ts" in transforms and not isinstance(task, ClassifierTask):
             raise ValueError(
                 f"the 'ts' transform needs a task whose model outputs class logits "
@@ -389,7 +391,34 @@ class StudySpec:
     def name(self) -> str:
         """Study name, e.g. ``ttf-lorenz-quick`` or ``ttf-lorenz-quick-wd0.01-cov10`` (see
         :attr:`suffix`)."""
-        return f"ttf-{self.task}-{self.size}{self.suffix}"
+        return f"ttf-{self.task_label}-{self.size}{self.suffix}"
+
+    @property
+    def optimizer_labels(self) -> tuple[str, ...]:
+        """The optimizers' names in run ids and reports: a built-in's own name, a user
+        optimizer's label (``label=reference``)."""
+        return tuple(item.partition("=")[0] for item in self.optimizers)
+
+    def optimizer_reference(self, optimizer: str) -> str:
+        """The reference of the user optimizer labelled ``optimizer``; empty for a built-in."""
+        items = {item.partition("=")[0]: item.partition("=")[2] for item in self.optimizers}
+        return items[optimizer]
+
+    @cached_property
+    def task_label(self) -> str:
+        """The task's name in run ids, folders and the store: a built-in task's own name; for a
+        plugin or a reference, its name (the factory's) and the first 8 hex digits of the
+        task's :func:`~beyondloss.tasks.fingerprint` (``make_task-1f0c9a2e``)."""
+        if self.task in TASKS:
+            return self.task
+        return f"{label(self.task)}-{self.task_fingerprint[:8]}"
+
+    @cached_property
+    def task_fingerprint(self) -> str:
+        """:func:`~beyondloss.tasks.fingerprint` of the task as the runs train it (its
+        ``--epochs`` budget included); runs record it, and a complete run that recorded another
+        is refused rather than reused (:func:`pending_runs`)."""
+        return fingerprint(self.make_task())
 
     @property
     def directory(self) -> Path:
@@ -405,7 +434,7 @@ class StudySpec:
     def factory(self) -> TaskFactory:
         """The registry's factory of :attr:`task`, wrapped to train for :attr:`epochs` and to
         judge by :attr:`metric` if set (picklable)."""
-        factory = TASKS[self.task]
+        factory = task_factory(self.task)
         if self.epochs is not None:
             factory = partial(budgeted, factory, self.epochs)
         return factory if self.metric is None else partial(selecting, factory, self.metric)
@@ -414,14 +443,14 @@ class StudySpec:
         """Name of the study owning ``optimizer``'s runs: :attr:`name` without ``-ens``, and
         for a plain optimizer also without DoPr tags (the DoPr settings do not change its runs)."""
         tags = self._base_tag + (self._dopr_tag if _is_dopr(optimizer) else "")
-        return f"ttf-{self.task}-{self.size}{tags}"
+        return f"ttf-{self.task_label}-{self.size}{tags}"
 
     def run_id(self, optimizer: str, lr: float, seed: int) -> str:
         """Run id, e.g. ``lorenz-quick-dopr-adamw-lr0.003-s0``: ``-wd<value>`` before the seed
         if weight decay, the transforms' tag, then for ``dopr-*`` optimizers the DoPr tags
         (``-cov10``)."""
         tags = self._base_tag + (self._dopr_tag if _is_dopr(optimizer) else "")
-        return run_id(self.task, self.size, optimizer, lr, seed, tags)
+        return run_id(self.task_label, self.size, optimizer, lr, seed, tags)
 
     def ensemble_id(self, optimizer: str, lr: float) -> str:
         """Run id of the seed ensemble of one configuration: :meth:`run_id` with ``-ens`` in
@@ -468,7 +497,7 @@ class StudySpec:
 
     def grid(self) -> Iterator[tuple[str, float, int]]:
         """Every ``(optimizer, lr, seed)``, optimizer-major, in spec order."""
-        for optimizer in self.optimizers:
+        for optimizer in self.optimizer_labels:
             for lr in self.grid_lrs:
                 for seed in range(self.grid_seeds):
                     yield optimizer, lr, seed
@@ -499,6 +528,20 @@ def run_id(task: str, size: str, optimizer: str, lr: float, seed: int, tags: str
     """The one run-id scheme of every study: ``<task>-<size>-<optimizer>-lr<lr><tags>-s<seed>``,
     where ``tags`` names whatever else changes the run (``-wd0.01``, ``-swa``, ``-cov10``)."""
     return f"{task}-{size}-{optimizer}-lr{format_lr(lr)}{tags}-s{seed}"
+
+
+def _check_optimizers(items: Sequence[str]) -> tuple[str, ...]:
+    """``items`` (built-in names, plugin names or references, see
+    :func:`~beyondloss.optim.factory.parse_optimizer`) as a spec keeps them: built-in names
+    as they are, every other as ``label=reference``; ``ValueError`` for none, an unresolved
+    reference, or two optimizers under one label."""
+    parsed = [parse_optimizer(item) for item in items]
+    if not parsed:
+        raise ValueError("optimizers must name at least one optimizer")
+    labels = [name for name, _ in parsed]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"optimizers must be distinct, got {labels}")
+    return tuple(name if name == reference else f"{name}={reference}" for name, reference in parsed)
 
 
 def check_grid_size(runs: int, axes: str = "optimizers × lrs × seeds") -> None:
@@ -641,6 +684,15 @@ class RunJob:
     data_seed: int = DATA_SEED
     ddp: int = 1
     """Processes that train the run (data-parallel when more than one)."""
+    fingerprint: str = ""
+    """The task's fingerprint as the study computed it (:attr:`StudySpec.task_fingerprint`);
+    a complete run that recorded another is refused by :func:`pending_runs`. Empty: unchecked."""
+    task_reference: str = ""
+    """The reference a plugin or user task was resolved from (recorded in the run's config);
+    empty for a built-in task."""
+    optimizer_reference: str = ""
+    """The reference of a user optimizer (:attr:`optimizer` is then its label); empty for a
+    built-in optimizer."""
     track_logits: bool = False
     """Evaluate with a :class:`~beyondloss.evaluation.LogitsEvaluator` instead of the study's
     evaluators (classification tasks: the post-hoc study's per-epoch logits of the base model
@@ -855,7 +907,7 @@ def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
     return RunJob(
         run_id=run_id,
         factory=spec.factory,
-        task=spec.task,
+        task=spec.task_label,
         size=spec.size,
         optimizer=optimizer,
         lr=lr,
@@ -871,6 +923,9 @@ def run_job(spec: StudySpec, optimizer: str, lr: float, seed: int) -> RunJob:
         transform_every=spec.transform_every,
         eval_every=spec.eval_every,
         ddp=spec.ddp,
+        fingerprint=spec.task_fingerprint,
+        task_reference="" if spec.task in TASKS else spec.task,
+        optimizer_reference=spec.optimizer_reference(optimizer),
     )
 
 
@@ -918,7 +973,16 @@ def pending_runs(jobs: Sequence[RunJob]) -> list[RunJob]:
     if not jobs:
         return []
     with ResultsStore(jobs[0].db) as store:
-        return [job for job in jobs if not store.is_complete(job.run_id)]
+        complete = {run["run_id"]: run["config"] for run in store.runs(status="complete")}
+    for job in jobs:
+        recorded = complete.get(job.run_id, {}).get("task_fingerprint", job.fingerprint)
+        if job.fingerprint and recorded != job.fingerprint:
+            raise ValueError(
+                f"run {job.run_id} in {job.db} was trained on another definition of task "
+                f"{job.task} (fingerprint {recorded[:8]}, now {job.fingerprint[:8]}): study the "
+                "changed task in another --out, or remove the old runs"
+            )
+    return [job for job in jobs if job.run_id not in complete]
 
 
 def train_runs(
@@ -1133,10 +1197,14 @@ def _train_run(job: RunJob) -> RunRecord:
     torch.manual_seed(job.seed)
     model = task.make_model()
     optimizer = make_optimizer(
-        job.optimizer, model, lr=job.lr, weight_decay=job.weight_decay, **job.dopr
+        job.optimizer_reference or job.optimizer,
+        model,
+        lr=job.lr,
+        weight_decay=job.weight_decay,
+        **job.dopr,
     )
     evaluators = _evaluators(task, job)
-    if optimizer.preconditioner is not None:
+    if getattr(optimizer, "preconditioner", None) is not None:
         evaluators.append(_ap_spectra(optimizer.preconditioner))
     record = _run_config(job, task, config)
     checkpoint = job.run_dir / CHECKPOINT_NAME
@@ -1169,9 +1237,13 @@ def _run_config(job: RunJob, task: Task, config: TrainConfig) -> dict[str, Any]:
         "size": job.size,
         "data_seed": job.data_seed,
         "task_class": task.name,
+        "task_fingerprint": fingerprint(task),
         "epochs": task.epochs,
         "batch_size": task.batch_size,
     }
+    record |= {"task_reference": job.task_reference} if job.task_reference else {}
+    if job.optimizer_reference:
+        record |= {"optimizer_reference": job.optimizer_reference}
     record |= {"dopr": job.dopr} if job.dopr else {}
     if job.transforms:
         record |= {"transforms": list(job.transforms), "transform_every": job.transform_every}
@@ -1362,7 +1434,7 @@ def _checkpoint_table(spec: StudySpec, summaries: list[Summary], task: Task) -> 
         final = select_lr(summaries, f"{prefix}val_{metric}", higher_is_better=higher)
         best = select_lr(summaries, f"{prefix}val_{metric}@best", higher_is_better=higher)
         oracle_name = f"{prefix}test_{metric}@oracle"
-        for optimizer in spec.optimizers:
+        for optimizer in spec.optimizer_labels:
             own = [s for s in summaries if s.optimizer == optimizer and oracle_name in s.mean]
             oracle = min(own, key=lambda s: rank_key(s.mean[oracle_name], higher))
             chosen = best[optimizer]
@@ -1505,7 +1577,7 @@ def _markdown(
     primary = f"val_{task.primary_metric}"
     best = "highest" if task.higher_is_better[task.primary_metric] else "lowest"
     lrs = ", ".join(format_lr(lr) for lr in spec.grid_lrs)
-    pairs = dopr_pairs(spec.optimizers)
+    pairs = dopr_pairs(spec.optimizer_labels)
     lines = [
         f"# Test-time feedback study `{spec.name}`",
         "",
@@ -1663,12 +1735,12 @@ def _summary_markdown(
         f"Total wall time: {wall_seconds:.1f} s; tasks: {', '.join(s.task for s in specs)}; "
         f"failed: {failed}",
         "",
-        f"Optimizers {', '.join(first.optimizers)}; seeds 0–{first.grid_seeds - 1}; weight decay "
-        f"{first.weight_decay:g}; DoPr settings: {_dopr_text(first)}. Per task: each optimizer "
-        f"at its val-loss-selected learning rate (final epoch, mean ± {CI_LABEL} half-width over "
-        "seeds), the paired gain of DoPr over its base, and the Kendall τ between val loss and "
-        "the downstream metric. Each task's report has the downstream-selected table, every "
-        "configuration and the plots.",
+        f"Optimizers {', '.join(first.optimizer_labels)}; seeds 0–{first.grid_seeds - 1}; "
+        f"weight decay {first.weight_decay:g}; DoPr settings: {_dopr_text(first)}. Per task: "
+        "each optimizer at its val-loss-selected learning rate (final epoch, mean ± "
+        f"{CI_LABEL} half-width over seeds), the paired gain of DoPr over its base, and the "
+        "Kendall τ between val loss and the downstream metric. Each task's report has the "
+        "downstream-selected table, every configuration and the plots.",
         "",
         _GAINS_TEXT.format(ci=CI_LABEL),
         "",

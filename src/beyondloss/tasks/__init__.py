@@ -5,14 +5,19 @@ digits with 40 % symmetric noise, tabular with 30 % class-dependent noise).
 
 :data:`TASKS` maps a task name to a factory ``(size, data_seed) -> Task``; ``size`` is one of
 :data:`SIZES` ("quick" for studies that finish in minutes on a laptop, "full" for the reported
-numbers) and ``data_seed`` seeds the task's data. Adding a task adds one entry here.
+numbers) and ``data_seed`` seeds the task's data. Adding a built-in task adds one entry here;
+a user's own task needs no change to the package: :func:`task_factory` also resolves installed
+plugins and ``module:factory`` / ``file.py:factory`` references (:class:`ReferencedTask`).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
+from beyondloss.references import canonical, check_callable, resolve
 from beyondloss.tasks.base import (
     Budgeted,
     ClassifierTask,
@@ -20,6 +25,8 @@ from beyondloss.tasks.base import (
     Splits,
     Task,
     check_epochs,
+    check_task,
+    fingerprint,
 )
 from beyondloss.tasks.dynamics import Lorenz63Task, Lorenz96Task, LorenzConfig
 from beyondloss.tasks.finetuning import make_finetuning_task
@@ -105,32 +112,74 @@ def suite(size: str) -> tuple[str, ...]:
     return tuple(TASKS)
 
 
+TASK_GROUP = "beyondloss.tasks"
+"""Entry-point group of installed task plugins (``name = "module:factory"``)."""
+
+
+@dataclass(frozen=True)
+class ReferencedTask:
+    """The factory a reference names (:mod:`beyondloss.references`): an installed plugin's
+    name, ``module:factory`` or ``path/to/file.py:factory``. It pickles as the reference text
+    and resolves it in the process that calls it, so spawned workers, Ray tasks, DDP ranks and
+    a fresh interpreter loading an export all build the same task. Every task it returns is
+    checked against the :class:`Task` contract (:func:`check_task`)."""
+
+    reference: str
+
+    def __call__(self, size: str, data_seed: int) -> Task:
+        found = resolve(self.reference, TASK_GROUP, "task", tuple(TASKS))
+        factory = check_callable(found, self.reference, "task")
+        task = factory(size, data_seed)
+        check_task(task, f"the task {self.reference!r}")
+        return task
+
+
+def task_factory(name: str) -> TaskFactory:
+    """The factory of ``name``: the registry's (:data:`TASKS`), else a :class:`ReferencedTask`
+    (resolved now, so that a bad reference fails here, in one line: ``ValueError``)."""
+    if name in TASKS:
+        return TASKS[name]
+    factory = ReferencedTask(canonical(name))
+    check_callable(resolve(factory.reference, TASK_GROUP, "task", tuple(TASKS)), name, "task")
+    return factory
+
+
+def task_names() -> tuple[str, ...]:
+    """Built-in task names, then those installed plugins declare in :data:`TASK_GROUP`."""
+    plugins = [point.name for point in importlib.metadata.entry_points(group=TASK_GROUP)]
+    return (*TASKS, *(name for name in plugins if name not in TASKS))
+
+
 def make_task(name: str, size: str = "quick", seed: int = 0) -> Task:
     """The task registered as ``name`` at ``size`` with data seed ``seed``.
 
     Raises ``ValueError`` naming the known tasks (or sizes) if ``name`` (or ``size``) is unknown.
     """
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(sorted(TASKS))}")
     _check_size(size)
-    return TASKS[name](size, seed)
+    return task_factory(name)(size, seed)
 
 
 __all__ = [
     "QUICK_SUITE",
     "SIZES",
     "TASKS",
+    "TASK_GROUP",
     "Budgeted",
     "ClassifierTask",
+    "ReferencedTask",
     "SelectedMetric",
     "Splits",
     "Task",
     "TaskFactory",
     "budgeted",
     "check_epochs",
+    "check_task",
+    "fingerprint",
     "lorenz",
     "lorenz96",
     "make_task",
     "selecting",
     "suite",
+    "task_factory",
+    "task_names",
 ]

@@ -7,6 +7,9 @@ the task's kind.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -170,3 +173,80 @@ class Budgeted:
         if name == "task":  # not yet set (e.g. during unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.task, name)
+
+
+TASK_METHODS = ("splits", "make_model", "loss", "evaluate")
+"""Methods every task provides (see :class:`Task`)."""
+
+
+def check_task(task: object, source: str = "the task") -> None:
+    """``ValueError`` naming, in one line, the first requirement of :class:`Task` that ``task``
+    (built by ``source``) misses: a string ``name``; positive integer ``epochs`` and
+    ``batch_size``; a mapping ``higher_is_better`` of metric names to bools that holds
+    ``primary_metric``; callable ``splits``, ``make_model``, ``loss`` and ``evaluate``.
+
+    Run by studies on every task a factory returns, before any run trains.
+    """
+    where = f"{source} ({type(task).__name__})"
+    missing = [name for name in (*Task.__annotations__, *TASK_METHODS) if not hasattr(task, name)]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)} (see beyondloss.tasks.base.Task)")
+    if not isinstance(task.name, str) or not task.name:
+        raise ValueError(f"{where}: name must be a non-empty string, got {task.name!r}")
+    for budget in ("epochs", "batch_size"):
+        value = getattr(task, budget)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {budget} must be an integer >= 1, got {value!r}")
+    directions = task.higher_is_better
+    if not isinstance(directions, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, bool) for key, value in directions.items()
+    ):
+        raise ValueError(f"{where}: higher_is_better must map metric names to True/False")
+    if task.primary_metric not in directions:
+        raise ValueError(
+            f"{where}: primary_metric {task.primary_metric!r} is not in higher_is_better "
+            f"({', '.join(directions) or 'empty'})"
+        )
+    not_callable = [name for name in TASK_METHODS if not callable(getattr(task, name))]
+    if not_callable:
+        raise ValueError(f"{where}: {', '.join(not_callable)} must be methods")
+
+
+def describe(task: Task) -> dict[str, Any]:
+    """What defines ``task`` for run identity: its class, budget, metrics and configuration
+    (``task.config`` when it is a dataclass, else the task's plain attributes: numbers,
+    strings, booleans and tuples or lists of them). Data a task generates from these is
+    covered through them; data it reads from elsewhere is not."""
+    inner = task
+    while isinstance(inner, (Budgeted, SelectedMetric)):
+        inner = inner.task
+    config = getattr(inner, "config", None)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        settings: Any = dataclasses.asdict(config)
+    else:
+        plain = (int, float, str, bool, type(None))
+        settings = {
+            key: value
+            for key, value in sorted(vars(inner).items())
+            if not key.startswith("_")
+            and (
+                isinstance(value, plain)
+                or (isinstance(value, (tuple, list)) and all(isinstance(v, plain) for v in value))
+            )
+        }
+    return {
+        "class": f"{type(inner).__module__}.{type(inner).__qualname__}",
+        "name": task.name,
+        "epochs": task.epochs,
+        "batch_size": task.batch_size,
+        "primary_metric": task.primary_metric,
+        "higher_is_better": dict(task.higher_is_better),
+        "config": settings,
+    }
+
+
+def fingerprint(task: Task) -> str:
+    """SHA-256 (hex) of :func:`describe` as canonical JSON: two tasks with the same fingerprint
+    train and deploy alike, and a changed definition gets a new one."""
+    text = json.dumps(describe(task), sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
