@@ -107,6 +107,11 @@ def test_references_resolve_modules_files_and_installed_plugins(
     assert resolve("mine", "beyondloss.tasks", "task") is json.dumps
     with pytest.raises(UnresolvedReference, match="unknown task 'yours': choose from a, mine"):
         resolve("yours", "beyondloss.tasks", "task", ("a",))
+    bad = outside / "bad_task.py"
+    source = (outside / "my_task.py").read_text()
+    bad.write_text(source.replace('= "steps_in_tolerance"', '= "mse"', 1))
+    with pytest.raises(ValueError, match="primary_metric 'mse' is not in higher_is_better"):
+        StudySpec(f"{bad}:make_task")  # checked when the spec is made, before anything runs
     label, reference = parse_optimizer(f"{outside / 'my_optimizer.py'}:make_nesterov")
     assert label == "make_nesterov"
     model = torch.nn.Linear(2, 2)

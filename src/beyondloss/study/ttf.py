@@ -367,6 +367,8 @@ class StudySpec:
         object.__setattr__(self, "out", Path(self.out))
         if self.storage is not None:
             object.__setattr__(self, "storage", Path(self.storage))
+        if self.task not in TASKS:
+            _ = self.task_fingerprint  # builds the task: check_task fails here, in one line
 
     @property
     def grid_lrs(self) -> tuple[float, ...]:
