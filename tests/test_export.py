@@ -3,6 +3,7 @@ task's own architecture with exactly the test metrics the store holds for it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -93,6 +94,31 @@ def test_exported_models_reproduce_their_stored_test_metrics_exactly(
         assert metrics == selected.stored, criterion
     chosen = select_model(spec, "val_loss", optimizer="dopr-adamw")
     assert chosen.optimizer == "dopr-adamw" and chosen.metric == "val_loss"
+
+
+def test_joint_selection_exports_the_model_the_report_names(
+    studies: dict[str, StudySpec], tmp_path: Path
+) -> None:
+    """The best mean val metric over every (optimizer, lr, model), as the report's joint row."""
+    spec = studies["tiny-lorenz"]
+    result = run_study(spec, progress=False)
+    models = ["", *(f"{name}_" for name in spec.evaluated)]
+    options = [
+        (summary.mean.get(f"{model}val_vpt", math.nan), summary, model)
+        for summary in result.summaries
+        for model in models
+    ]
+    _, summary, prefix = max((o for o in options if not math.isnan(o[0])), key=lambda o: o[0])
+    selected = export_model(spec, tmp_path / "joint.pt", "joint")
+    assert (selected.optimizer, selected.lr) == (summary.optimizer, summary.lr)
+    assert selected.kind == (prefix.removesuffix("_") or "base")
+    assert selected.metric == f"{prefix}val_vpt"
+    task, model, _ = load_model(tmp_path / "joint.pt")
+    assert task.evaluate(model, "test") == selected.stored
+    [overall] = [row for row in result.tables["deploy"].splitlines() if "all optimizers" in row]
+    assert f"| {summary.optimizer}, " in overall
+    for optimizer in spec.optimizer_labels:
+        assert select_model(spec, "joint", optimizer=optimizer).optimizer == optimizer
 
 
 def test_temperature_scaled_models_export_with_their_temperatures_exactly(

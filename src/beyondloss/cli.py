@@ -305,7 +305,8 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
         description="Select a model among the complete runs of the study that `beyondloss ttf "
         "TASK` with the same options ran, by CRITERION: val_loss (naive), downstream (the "
         "downstream validation metric) or a transform of the study (post-hoc: swa, ema, ens, "
-        "swa_ens, ...). The configuration is the study's selection (over all optimizers unless "
+        "swa_ens, ...) or joint (the best val metric over every lr and model, the report's joint "
+        "choice). The configuration is the study's selection (over all optimizers unless "
         "--optimizer names one); a single model is the seed with the best validation value. "
         "The model is rebuilt from the run checkpoints, written to OUTPUT, re-evaluated on the "
         "test split and compared with the stored test metrics. Load it with "
@@ -324,7 +325,8 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
         "--select",
         default="downstream",
         metavar="CRITERION",
-        help="val_loss, downstream or a transform name (default: %(default)s)",
+        help="val_loss, downstream, a transform name (post-hoc), or joint: the best val "
+        "metric over every lr and model, as the report's joint column (default: %(default)s)",
     )
     export.add_argument("--optimizer", help="select among this optimizer's runs only")
     export.add_argument("--output", "-o", type=Path, required=True, help="file to write")

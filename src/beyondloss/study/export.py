@@ -28,12 +28,19 @@ from torch import nn
 from beyondloss.evaluation import calibrated
 from beyondloss.posthoc.ensemble import OutputEnsemble
 from beyondloss.posthoc.temperature import TemperatureScaled
-from beyondloss.selection.configs import rank_key, select_lr, summarize
+from beyondloss.selection.configs import (
+    best_pick,
+    deploy_choices,
+    rank_key,
+    select_lr,
+    summarize,
+)
 from beyondloss.store import ResultsStore
 from beyondloss.study.ttf import (
     DATA_SEED,
     STORE_NAME,
     StudySpec,
+    deploy_criteria,
     ensemble_of,
     grid_configs,
     rebuild,
@@ -44,6 +51,11 @@ from beyondloss.tasks import Task, task_factory
 
 CRITERIA = ("val_loss", "downstream")
 """Criteria of every study; a study with transforms adds each transform's name (post-hoc)."""
+
+JOINT = "joint"
+"""The criterion of the report's joint choice: the best validation metric over every lr and
+every model (base and each transform) of the optimizers (``beyondloss.selection.configs.
+deploy_choices``), so ``--select joint`` exports the model the report's joint column names."""
 
 FORMAT_VERSION = 1
 """Version of the exported file's layout."""
@@ -78,8 +90,8 @@ class SelectedModel:
 
 
 def criteria(spec: StudySpec) -> tuple[str, ...]:
-    """The criteria ``spec`` can select by: :data:`CRITERIA`, then its transforms."""
-    return (*CRITERIA, *spec.evaluated)
+    """The criteria ``spec`` can select by: :data:`CRITERIA`, its transforms, :data:`JOINT`."""
+    return (*CRITERIA, *spec.evaluated, JOINT)
 
 
 def select_model(
@@ -100,16 +112,25 @@ def select_model(
         labels = ", ".join(spec.optimizer_labels)
         raise ValueError(f"optimizer {optimizer!r} is not in the study ({labels})")
     task = spec.make_task()
-    higher = task.higher_is_better[task.primary_metric]
-    kind = criterion if criterion not in CRITERIA else "base"
-    prefix = "" if kind == "base" else f"{kind}_"
-    metric = "val_loss" if criterion == "val_loss" else f"{prefix}val_{task.primary_metric}"
-    better = higher and criterion != "val_loss"
+    primary = task.primary_metric
+    higher = task.higher_is_better[primary]
     finals, ensembles = _stored(spec)
     summaries = with_ensembles(summarize(finals), ensembles)
-    chosen = select_lr(summaries, metric, higher_is_better=better)
-    candidates = [chosen[optimizer]] if optimizer is not None else list(chosen.values())
-    best = min(candidates, key=lambda s: rank_key(s.mean.get(metric, math.nan), better))
+    if criterion == JOINT:
+        choices = deploy_choices(summaries, deploy_criteria(spec, primary), primary, higher)
+        joint = [c.picks[JOINT] for name, c in choices.items() if optimizer in (None, name)]
+        pick = best_pick(joint, "val", primary, higher)
+        best, prefix, better = pick.summary, pick.prefix, higher
+        kind = prefix.removesuffix("_") or "base"
+        metric = f"{prefix}val_{primary}"
+    else:
+        kind = criterion if criterion not in CRITERIA else "base"
+        prefix = "" if kind == "base" else f"{kind}_"
+        metric = "val_loss" if criterion == "val_loss" else f"{prefix}val_{primary}"
+        better = higher and criterion != "val_loss"
+        chosen = select_lr(summaries, metric, higher_is_better=better)
+        candidates = [chosen[optimizer]] if optimizer is not None else list(chosen.values())
+        best = min(candidates, key=lambda s: rank_key(s.mean.get(metric, math.nan), better))
     if kind in spec.ensembles:
         values = ensembles[(best.optimizer, best.lr)]
         run_ids = tuple(spec.run_id(best.optimizer, best.lr, s) for s in range(spec.grid_seeds))

@@ -1378,6 +1378,16 @@ _DIAGNOSTICS = (
 """Per-layer fields of the activation preconditioner's spectrum shown in reports."""
 
 
+def deploy_criteria(spec: StudySpec, primary: str) -> dict[str, tuple[str, str]]:
+    """The criteria of "Which model to deploy" (:func:`deploy_choices`): val loss, downstream
+    and each evaluated transform's own val metric, as ``{label: (metric, model prefix)}``."""
+    criteria = {"val loss": ("val_loss", ""), "downstream": (f"val_{primary}", "")}
+    return criteria | {
+        f"post-hoc {transform_label(name)}": (f"{name}_val_{primary}", f"{name}_")
+        for name in spec.evaluated
+    }
+
+
 def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
     """Which model to deploy: per optimizer, the test primary metric of the model each
     criterion selects (the lr, and for post-hoc criteria the transform), then the joint choice
@@ -1386,11 +1396,7 @@ def _deploy_table(spec: StudySpec, summaries: list[Summary], task: Task) -> str:
     ``†`` marks a post-hoc choice whose lr differs from the one the base model's downstream
     criterion picks (the transform reverses the lr ranking)."""
     primary, higher = task.primary_metric, task.higher_is_better[task.primary_metric]
-    criteria = {"val loss": ("val_loss", ""), "downstream": (f"val_{primary}", "")}
-    criteria |= {
-        f"post-hoc {transform_label(name)}": (f"{name}_val_{primary}", f"{name}_")
-        for name in spec.evaluated
-    }
+    criteria = deploy_criteria(spec, primary)
     choices = deploy_choices(summaries, criteria, primary, higher)
     head = ["optimizer", *criteria, "joint (val over lr × model)"]
     head += ["oracle (test over lr × model)", "joint regret"]
