@@ -93,9 +93,9 @@ def check_output_folder(out: str | os.PathLike[str]) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise StoreError(f"cannot write to the output folder {out}: {existing} is read-only")
     store = out / STORE_NAME
-    if store.exists() and not os.access(store, os.W_OK):  # before SQLite adds its -wal file
-        raise StoreError(f"cannot write the results store {store}: it is read-only")
     if store.exists():
+        if not os.access(store, os.W_OK):  # checked before SQLite adds its -wal file
+            raise StoreError(f"cannot write the results store {store}: it is read-only")
         ResultsStore(store).close()
 
 

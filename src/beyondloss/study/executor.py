@@ -74,11 +74,12 @@ class LocalExecutor:
         traceback: TracebackType | None,
     ) -> None:
         if self._pool is not None:
-            if isinstance(error, KeyboardInterrupt):
+            interrupted = isinstance(error, KeyboardInterrupt)
+            if interrupted:
                 # No public way to stop running calls before Python 3.14's terminate_workers().
                 for process in list(getattr(self._pool, "_processes", {}).values()):
                     process.terminate()
-            interrupted = isinstance(error, KeyboardInterrupt)  # its workers are gone: join
+            # Joined after an interrupt too: its workers are gone, so that is prompt.
             self._pool.shutdown(wait=error is None or interrupted, cancel_futures=error is not None)
             self._pool = None
 

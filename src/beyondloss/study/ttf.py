@@ -302,7 +302,7 @@ class StudySpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", canonical(self.task))
-        task_factory(self.task)  # ValueError, in one line, if the task does not resolve
+        factory = task_factory(self.task)  # ValueError, in one line, if it does not resolve
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; expected one of {', '.join(SIZES)}")
         optimizers = _check_optimizers(self.optimizers)
@@ -331,7 +331,6 @@ class StudySpec:
             raise ValueError(f"the 'ens' transform needs seeds >= 2, got {seeds}")
         ema_decays = _check_protocol(self, transforms)
         # Only "ts" and a metric need the task itself (building some tasks imports MuJoCo).
-        factory = task_factory(self.task)
         task = factory(self.size, DATA_SEED) if "ts" in transforms or self.metric else None
         if "ts" in transforms and not isinstance(task, ClassifierTask):
             raise ValueError(
@@ -434,8 +433,8 @@ class StudySpec:
 
     @property
     def factory(self) -> TaskFactory:
-        """The registry's factory of :attr:`task`, wrapped to train for :attr:`epochs` and to
-        judge by :attr:`metric` if set (picklable)."""
+        """The factory of :attr:`task` (:func:`~beyondloss.tasks.task_factory`), wrapped to
+        train for :attr:`epochs` and to judge by :attr:`metric` if set (picklable)."""
         factory = task_factory(self.task)
         if self.epochs is not None:
             factory = partial(budgeted, factory, self.epochs)

@@ -12,7 +12,6 @@ plugins and ``module:factory`` / ``file.py:factory`` references (:class:`Referen
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -126,10 +125,13 @@ class ReferencedTask:
 
     reference: str
 
-    def __call__(self, size: str, data_seed: int) -> Task:
+    def resolve(self) -> TaskFactory:
+        """The factory the reference names; ``ValueError`` in one line if there is none."""
         found = resolve(self.reference, TASK_GROUP, "task", tuple(TASKS))
-        factory = check_callable(found, self.reference, "task")
-        task = factory(size, data_seed)
+        return check_callable(found, self.reference, "task")
+
+    def __call__(self, size: str, data_seed: int) -> Task:
+        task = self.resolve()(size, data_seed)
         check_task(task, f"the task {self.reference!r}")
         return task
 
@@ -140,14 +142,8 @@ def task_factory(name: str) -> TaskFactory:
     if name in TASKS:
         return TASKS[name]
     factory = ReferencedTask(canonical(name))
-    check_callable(resolve(factory.reference, TASK_GROUP, "task", tuple(TASKS)), name, "task")
+    factory.resolve()
     return factory
-
-
-def task_names() -> tuple[str, ...]:
-    """Built-in task names, then those installed plugins declare in :data:`TASK_GROUP`."""
-    plugins = [point.name for point in importlib.metadata.entry_points(group=TASK_GROUP)]
-    return (*TASKS, *(name for name in plugins if name not in TASKS))
 
 
 def make_task(name: str, size: str = "quick", seed: int = 0) -> Task:
@@ -181,5 +177,4 @@ __all__ = [
     "selecting",
     "suite",
     "task_factory",
-    "task_names",
 ]
